@@ -1,0 +1,19 @@
+"""DVC stage `curvature` as a Hydra entrypoint (logic: `napkit.stages.curvature`).
+
+Alone: `python pipelines/curvature.py [overrides]` composes `conf/`.
+Under DVC: `--config-dir . --config-name params` runs on the tracked `params.yaml`.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from napkit.entrypoint import run_stage
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_stage("curvature", cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Which layers napkit prunes and measures: Linear and plain Conv2d (no groups, no dilation)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+PrunableLayer = nn.Linear | nn.Conv2d
+
+
+def is_prunable(module: nn.Module) -> bool:
+    """Linear layers and Conv2d layers without groups or dilation (nap.md, Notation)."""
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and tuple(module.dilation) == (1, 1)
+    return False
+
+
+def prunable_layers(model: nn.Module) -> dict[str, PrunableLayer]:
+    """Map qualified name -> layer for every prunable layer, in module order."""
+    return {name: m for name, m in model.named_modules() if is_prunable(m)}  # type: ignore[misc]
+
+
+def classifier_name(model: nn.Module) -> str:
+    """Name of the layer that produces the logits: the last Linear layer in module order."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no Linear classifier layer")
+    return names[-1]
+
+
+def weight_matrix_shape(layer: PrunableLayer) -> tuple[int, int]:
+    """(d_out, d_in) of the layer's weight viewed as a matrix (conv: order c, kh, kw)."""
+    w = layer.weight
+    return w.shape[0], w[0].numel()

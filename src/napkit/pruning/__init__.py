@@ -1,0 +1,1 @@
+"""Fine-grained pruning: masks, importance criteria, global allocation, OBS compensation, the iterative loop."""

@@ -1,0 +1,81 @@
+"""Turning scores into masks: one global ranking (each layer's ratio falls out) or a uniform ratio.
+
+Safety rules (nap.md s.4): every output unit keeps its most important weight, so the classifier's
+outputs are never pruned away; a per-layer sparsity cap bounds what one step can do to a layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from napkit.errors import NapkitError, unknown_choice
+from napkit.pruning.masks import MaskSet
+
+ALLOCATIONS = ("global", "uniform")
+
+
+def _eligible(score: torch.Tensor, keep: torch.Tensor, max_sparsity: float) -> torch.Tensor:
+    """Scores of the weights this step may prune; +inf for the rest (already pruned ones: nan-free +inf)."""
+    rows = score.reshape(score.shape[0], -1).clone()
+    alive = keep.reshape_as(rows)
+    rows[~alive] = math.inf
+    # each output unit keeps its best surviving weight
+    best = torch.where(alive, rows, torch.tensor(-math.inf, dtype=rows.dtype)).argmax(dim=1, keepdim=True)
+    rows.scatter_(1, best, math.inf)
+    # per-layer cap: only the lowest `room` survivors may go
+    room = max(0, math.floor(max_sparsity * rows.numel()) - int((~alive).sum()))
+    flat = rows.flatten()
+    finite = int(torch.isfinite(flat).sum())
+    if room < finite:
+        order = torch.argsort(flat, stable=True)
+        flat[order[room:]] = math.inf
+    return flat
+
+
+def prune_lowest(
+    scores: dict[str, torch.Tensor],
+    masks: MaskSet,
+    amount: int,
+    *,
+    allocation: str = "global",
+    max_layer_sparsity: float = 0.99,
+) -> MaskSet:
+    """Remove ``amount`` more weights with the lowest scores; returns the new masks.
+
+    ``global``: one ranking across all layers. ``uniform``: every layer removes the same share
+    of its surviving weights (the layer-uniform baseline).
+    """
+    if allocation not in ALLOCATIONS:
+        raise unknown_choice("allocation", allocation, ALLOCATIONS)
+    eligible = {n: _eligible(scores[n], masks.masks[n], max_layer_sparsity) for n in masks.masks}
+    new = masks.clone()
+    if allocation == "global":
+        _, total = masks.counts()
+        names = list(eligible)
+        flat = torch.cat([eligible[n] for n in names])
+        quota = {n: 0 for n in names}
+        order = torch.argsort(flat, stable=True)[:amount]
+        order = order[torch.isfinite(flat[order])]
+        offsets = torch.tensor([0] + [eligible[n].numel() for n in names]).cumsum(0)
+        for i, n in enumerate(names):
+            picked = order[(order >= offsets[i]) & (order < offsets[i + 1])] - offsets[i]
+            new.masks[n].view(-1)[picked] = False
+            quota[n] = picked.numel()
+        removed = sum(quota.values())
+    else:
+        kept, _ = masks.counts()
+        share = amount / max(kept, 1)
+        removed = 0
+        for n, flat in eligible.items():
+            k = min(round(share * int(masks.masks[n].sum())), int(torch.isfinite(flat).sum()))
+            picked = torch.argsort(flat, stable=True)[:k]
+            new.masks[n].view(-1)[picked] = False
+            removed += k
+    if amount > 0 and removed == 0:
+        raise NapkitError(
+            f"cannot prune {amount} more weights: every layer is at its cap (max_layer_sparsity="
+            f"{max_layer_sparsity}) or down to one weight per output; lower the target"
+        )
+    return new

@@ -1,0 +1,72 @@
+"""One fine-grained pruning step: score, rank globally, optionally OBS-compensate, mask."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from torch import nn
+
+from napkit.curvature import KFACFactors
+from napkit.errors import NapkitError
+from napkit.layers import prunable_layers
+from napkit.pruning.allocation import prune_lowest
+from napkit.pruning.compensation import obs_compensate_
+from napkit.pruning.importance import Importance
+from napkit.pruning.masks import MaskSet
+
+FactorsProvider = Callable[[nn.Module, int], dict[str, KFACFactors]]
+
+
+def target_sparsity(target_sparsity: float | None, target_compression: float | None) -> float | None:
+    """The sparsity a run stops at: given directly, or from a compression ratio (total / kept)."""
+    if target_sparsity is not None and target_compression is not None:
+        raise NapkitError("set prune.target_sparsity or prune.target_compression, not both")
+    if target_compression is not None:
+        if target_compression < 1:
+            raise NapkitError(f"prune.target_compression must be >= 1 (x times smaller), got {target_compression}")
+        return 1.0 - 1.0 / target_compression
+    if target_sparsity is not None and not 0.0 <= target_sparsity < 1.0:
+        raise NapkitError(f"prune.target_sparsity must be in [0, 1), got {target_sparsity}")
+    return target_sparsity
+
+
+class FineGrainedPruner:
+    """Prunes ``step_fraction`` of the remaining weights per call, never past the target."""
+
+    def __init__(self, criterion: Importance, *, step_fraction: float, target: float | None,
+                 allocation: str = "global", max_layer_sparsity: float = 0.99, compensate: bool = False,
+                 damping: float = 0.1, factors: FactorsProvider | None = None) -> None:
+        if not 0.0 < step_fraction <= 1.0:
+            raise NapkitError(f"prune.step_fraction must be in (0, 1], got {step_fraction}")
+        if (criterion.needs_curvature or compensate) and factors is None:
+            raise NapkitError(f"criterion {criterion.name!r} needs K-FAC factors; run the curvature stage")
+        self.criterion, self.step_fraction, self.target = criterion, step_fraction, target
+        self.allocation, self.max_layer_sparsity = allocation, max_layer_sparsity
+        self.compensate, self.damping, self.factors = compensate, damping, factors
+
+    def amount(self, masks: MaskSet) -> int:
+        """How many weights this step removes: a share of the survivors, capped by the target."""
+        kept, total = masks.counts()
+        amount = round(self.step_fraction * kept)
+        if self.target is not None:
+            amount = min(amount, kept - math.ceil((1.0 - self.target) * total))
+        return max(amount, 0)
+
+    def reached(self, masks: MaskSet) -> bool:
+        return self.target is not None and masks.sparsity() >= self.target - 1e-9
+
+    def __call__(self, model: nn.Module, masks: MaskSet, iteration: int) -> MaskSet:
+        layers = prunable_layers(model)
+        needs = self.criterion.needs_curvature or self.compensate
+        factors = self.factors(model, iteration) if needs and self.factors else {}
+        scores = {n: self.criterion(n, layers[n], factors.get(n)) for n in masks.masks}
+        new = prune_lowest(scores, masks, self.amount(masks), allocation=self.allocation,
+                           max_layer_sparsity=self.max_layer_sparsity)
+        if self.compensate:
+            for name in new.masks:
+                newly = masks.masks[name] & ~new.masks[name]
+                if newly.any():
+                    obs_compensate_(layers[name], factors[name].damped(self.damping), newly)
+        new.apply_(model)
+        return new

@@ -1,0 +1,39 @@
+"""Stage 4, finetune: the final, longer fine-tune of the pruned model with its masks held fixed."""
+
+from __future__ import annotations
+
+import time
+
+from omegaconf import DictConfig
+
+from napkit.artifacts import load_model, save_model
+from napkit.stages.common import checkpoint_path, load_splits, seed_everything, stage_dir, write_csv, write_metrics
+from napkit.tracking import stage_run
+from napkit.training.engine import resolve_device
+from napkit.training.trainer import fit
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Fine-tune ``artifacts/prune``'s model and write ``artifacts/finetune``."""
+    seed_everything(int(cfg.seed))
+    model, spec, masks = load_model(stage_dir(cfg, "prune"))
+    splits = load_splits(cfg)
+    out = stage_dir(cfg, "finetune")
+    t0 = time.perf_counter()
+    with stage_run(cfg, "finetune") as tracker:
+        history = fit(model, splits.train, splits.val, cfg=cfg.finetune, masks=masks,
+                      batch_size=int(cfg.data.batch_size), eval_batch_size=int(cfg.data.eval_batch_size),
+                      seed=int(cfg.seed), device=resolve_device(cfg.device),
+                      checkpoint=checkpoint_path(cfg, "finetune"),
+                      on_epoch=lambda epoch, row: tracker.log_metrics(row, step=epoch), desc="finetune")
+        model.cpu()
+        save_model(out, model, spec, masks)
+        if history:
+            write_csv(out / "history.csv", history)
+        last = history[-1] if history else {}
+        metrics = {"val_top1": last.get("val_top1", 0.0), "val_top5": last.get("val_top5", 0.0),
+                   "epochs": len(history), "seconds": time.perf_counter() - t0}
+        write_metrics(out, metrics)
+        tracker.log_metrics(metrics)
+        tracker.log_artifact(out)
+    return metrics

@@ -1,0 +1,1 @@
+"""Training: one epoch, evaluation, and the resumable epoch loop."""

@@ -1,0 +1,101 @@
+"""Epoch loop with per-epoch checkpoints and exact resume at epoch boundaries.
+
+The checkpoint holds everything the next epoch depends on: weights, optimizer and scheduler
+state, the torch RNG state (dropout) and the history. Batch order depends only on
+(seed, epoch), so a run killed and restarted continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import Dataset
+
+from napkit.data import make_loader
+from napkit.hashing import fingerprint
+from napkit.io import load_torch, save_torch
+from napkit.pruning.masks import MaskSet
+from napkit.training.engine import evaluate, train_one_epoch
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def build_optimizer(model: nn.Module, cfg: DictConfig, epochs: int) -> tuple[torch.optim.Optimizer, Any]:
+    """Instantiate the configured optimizer and (per-epoch) LR scheduler."""
+    optimizer = instantiate(cfg.optimizer)(params=model.parameters())
+    scheduler = instantiate(cfg.scheduler)(optimizer=optimizer, T_max=max(epochs, 1))
+    return optimizer, scheduler
+
+
+def fit(
+    model: nn.Module,
+    train_set: Dataset,
+    val_set: Dataset,
+    *,
+    cfg: DictConfig,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int,
+    device: torch.device,
+    checkpoint: Path,
+    epochs: int | None = None,
+    masks: MaskSet | None = None,
+    on_epoch: EpochCallback | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train ``model`` for ``epochs`` (default ``cfg.epochs``), resuming from ``checkpoint`` if it matches.
+
+    Returns the per-epoch history (train loss/top-1, val loss/top-1/top-5, lr).
+    """
+    epochs = int(cfg.epochs if epochs is None else epochs)
+    model.to(device)
+    if masks is not None:
+        masks.apply_(model)
+    optimizer, scheduler = build_optimizer(model, cfg, epochs)
+    key = fingerprint(OmegaConf.to_container(cfg, resolve=True), epochs, batch_size, seed,
+                      [list(p.shape) for p in model.parameters()])
+    history: list[dict[str, float]] = []
+    start = 0
+    if checkpoint.is_file():
+        state = load_torch(checkpoint)
+        if state.get("fingerprint") == key:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+            history, start = list(state["history"]), int(state["epoch"])
+            log.info("%s: resumed from %s at epoch %d/%d", desc, checkpoint, start, epochs)
+        else:
+            log.warning("%s: ignoring checkpoint %s from another configuration", desc, checkpoint)
+    for epoch in range(start, epochs):
+        loader = make_loader(train_set, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch, drop_last=False)
+        lr = optimizer.param_groups[0]["lr"]
+        train = train_one_epoch(model, loader, optimizer, device=device, masks=masks,
+                                label_smoothing=float(cfg.get("label_smoothing", 0.0)),
+                                desc=f"{desc} {epoch + 1}/{epochs}", progress=progress)
+        scheduler.step()
+        val = evaluate(model, make_loader(val_set, batch_size=eval_batch_size, shuffle=False, seed=seed),
+                       device=device, desc=f"{desc} val", progress=progress)
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"], "train_top1": train["top1"],
+               "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"]}
+        history.append(row)
+        save_torch(checkpoint, {
+            "fingerprint": key, "epoch": epoch + 1, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(), "history": history,
+        })
+        log.info("%s epoch %d/%d: %s", desc, epoch + 1, epochs,
+                 " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+        if on_epoch is not None:
+            on_epoch(epoch + 1, row)
+    return history

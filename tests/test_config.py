@@ -1,0 +1,57 @@
+"""The real configs: every option of every group composes and builds; params.yaml never drifts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from napkit.config import write_params
+from napkit.models import create_model
+from napkit.pruning.fine_grained import target_sparsity
+from napkit.pruning.importance import create_importance
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir())
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+def test_params_yaml_is_the_composed_default(tmp_path: Path) -> None:
+    fresh = write_params(ROOT, tmp_path / "params.yaml")
+    assert yaml.safe_load(fresh.read_text()) == yaml.safe_load((ROOT / "params.yaml").read_text()), (
+        "params.yaml is stale: run `python -m napkit.config` after editing conf/"
+    )
+
+
+def test_groups_are_the_documented_ones() -> None:
+    assert {"model", "data", "train", "curvature", "prune", "finetune", "tracking"} <= set(GROUPS)
+    assert {"alexnet", "vgg16", "resnet50", "alexnet_small", "vgg16_small", "resnet50_small"} <= set(_options("model"))
+    assert {"digits", "mnist", "cifar10", "imagenet"} <= set(_options("data"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_option_composes(compose_cfg, group: str, option: str) -> None:
+    cfg = compose_cfg(f"{group}={option}")
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    if group == "model":
+        kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+        name = kwargs.pop("name")
+        kwargs.pop("pretrained", None)
+        size = 224 if not name.endswith("_small") else 32
+        assert create_model(name, num_classes=10, in_channels=3, input_size=size, **kwargs) is not None
+    if group == "prune":
+        create_importance(cfg.prune.method, **({"damping": cfg.prune.damping} if "damping" in cfg.prune else {}))
+        target_sparsity(cfg.prune.target_sparsity, cfg.prune.target_compression)
+
+
+def test_unknown_option_names_the_valid_ones(compose_cfg) -> None:
+    with pytest.raises((MissingConfigException, ConfigCompositionException)) as err:
+        compose_cfg("model=lenet9000")
+    message = str(err.value)
+    assert "lenet9000" in message and "vgg16_small" in message

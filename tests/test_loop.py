@@ -1,0 +1,86 @@
+"""The iterative loop's stopping rule and rollback, on crafted accuracy sequences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from napkit.pruning.allocation import prune_lowest
+from napkit.pruning.loop import iterative_prune
+from napkit.pruning.masks import MaskSet
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    return model, MaskSet.dense(model)
+
+
+def _run(accs: list[float], *, target: float | None, tolerance: float = 1.0, max_iterations: int = 10,
+         checkpoint=None, fail_at: int | None = None):
+    model, masks = _setup()
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    current = {"it": 0}
+
+    def step(m: nn.Module, mk: MaskSet, it: int) -> MaskSet:
+        current["it"] = it
+        kept, _ = mk.counts()
+        new = prune_lowest({n: l.weight.abs() for n, l in m.named_modules() if n in mk.masks}, mk, kept // 2,
+                           max_layer_sparsity=1.0)
+        new.apply_(m)
+        return new
+
+    def finetune(m: nn.Module, mk: MaskSet, it: int) -> None:
+        if fail_at is not None and it == fail_at:
+            raise KeyboardInterrupt("killed")
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.01 * it)
+        mk.apply_(m)
+        states[it] = {k: v.clone() for k, v in m.state_dict().items()}
+
+    def validate(m: nn.Module) -> dict[str, float]:
+        return {"top1": accs[min(current["it"], len(accs) - 1)], "loss": 0.0}
+
+    reached = (lambda mk: mk.sparsity() >= target) if target is not None else (lambda mk: False)
+    final_masks, result = iterative_prune(model, masks, step=step, finetune=finetune, validate=validate,
+                                          target_reached=reached, tolerance=tolerance,
+                                          max_iterations=max_iterations, checkpoint=checkpoint, fingerprint="x")
+    return model, final_masks, result, states
+
+
+def test_stops_at_tolerance_and_rolls_back() -> None:
+    model, masks, result, states = _run([90.0, 89.9, 89.5, 88.5, 95.0], target=None)
+    assert result.stop_reason == "tolerance"
+    assert [r.iteration for r in result.records] == [0, 1, 2, 3]
+    assert result.best_iteration == 2
+    assert result.records[3].within_tolerance is False
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, states[2][k])
+    assert masks.sparsity() == pytest.approx(result.records[2].sparsity)
+
+
+def test_stops_at_target_without_rollback() -> None:
+    _, masks, result, _ = _run([90.0] * 10, target=0.7)
+    assert result.stop_reason == "target"
+    assert result.best_iteration == len(result.records) - 1
+    assert masks.sparsity() >= 0.7
+
+
+def test_max_iterations() -> None:
+    _, _, result, _ = _run([90.0] * 10, target=None, max_iterations=2)
+    assert result.stop_reason == "max_iterations" and result.best_iteration == 2
+
+
+def test_resume_after_interruption_gives_same_result(tmp_path) -> None:
+    ref_model, ref_masks, ref, _ = _run([90.0, 89.9, 89.5, 89.4, 80.0], target=None)
+    ckpt = tmp_path / "loop.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _run([90.0, 89.9, 89.5, 89.4, 80.0], target=None, checkpoint=ckpt, fail_at=3)
+    assert ckpt.is_file()
+    model, masks, result, _ = _run([90.0, 89.9, 89.5, 89.4, 80.0], target=None, checkpoint=ckpt)
+    assert [r.iteration for r in result.records] == [r.iteration for r in ref.records]
+    assert result.best_iteration == ref.best_iteration
+    for k, v in ref_model.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k])
