@@ -1,0 +1,376 @@
+"""K-FAC estimation: forward hooks record layer inputs, tensor hooks on layer outputs their gradients.
+
+Scale convention (identical for every layer, so scores compare across layers): with ``a`` the
+layer input (conv: one unfolded patch, order (c, kh, kw), constant 1 appended when the layer
+has a bias), ``g = dL/ds`` the gradient of ONE example's loss w.r.t. the layer output at one
+position, N examples and T output positions per example,
+
+    A = 1/(N T) sum_n sum_t a_nt a_nt^T          (= Abar, the KFC average, Grosse & Martens 2016)
+    G = 1/N     sum_n sum_t g_nt g_nt^T          (= T * Gbar)
+
+so ``F ~ kron(G, A) = T * kron(Gbar, Abar)``; for a Linear layer (T = 1) this is the usual
+``E[g g^T] (x) E[a a^T]``. A Linear layer on ``[B, ..., d_in]`` inputs treats the middle
+dimensions as positions in the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from napkit.curvature.factors import KFACFactors
+from napkit.errors import NapkitError, unknown_choice
+from napkit.layers import PrunableLayer, is_prunable, prunable_layers, weight_matrix_shape
+
+FISHER_TYPES = ("true", "empirical")
+
+
+def sample_labels(logits: Tensor, generator: torch.Generator) -> Tensor:
+    """Labels drawn from the model's predictive distribution softmax(logits) (true Fisher)."""
+    probs = torch.softmax(logits.detach(), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def conv_patches(layer: nn.Conv2d, x: Tensor) -> Tensor:
+    """Unfolded input patches ``[B, T, C_in * kh * kw]`` in the order of ``weight.view(C_out, -1)``.
+
+    Padding goes through ``F.pad`` with the layer's own padding (any padding mode, 'same').
+    """
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
+    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)
+    return cols.transpose(1, 2)
+
+
+@dataclass
+class _LayerSums:
+    """Running sums of one layer's factors (A over positions, G over examples)."""
+
+    layer: PrunableLayer
+    block: int | None
+    dtype: torch.dtype
+    device: torch.device
+    aa: Tensor = field(init=False)
+    a_sum: Tensor = field(init=False)
+    gg: Tensor = field(init=False)
+    rows: int = 0
+    examples: int = 0
+    positions: int | None = None
+
+    def __post_init__(self) -> None:
+        d_out, d_in = weight_matrix_shape(self.layer)
+        opts: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
+        shape = (d_in // self.block, self.block, self.block) if self.block else (d_in, d_in)
+        self.aa = torch.zeros(shape, **opts)
+        self.a_sum = torch.zeros(d_in, **opts)
+        self.gg = torch.zeros(d_out, d_out, **opts)
+
+    def add(self, x: Tensor, grad: Tensor, chunk_size: int) -> None:
+        """Add one batch: layer input ``x`` and output gradient ``grad``, ``chunk_size`` examples at a time."""
+        for start in range(0, x.shape[0], chunk_size):
+            a = self._inputs(x[start : start + chunk_size])
+            g = self._grads(grad[start : start + chunk_size])
+            self._check_positions(a.shape[1], g.shape[1])
+            self._add_inputs(a.reshape(-1, a.shape[-1]).to(self.dtype))
+            g = g.reshape(-1, g.shape[-1]).to(self.dtype)
+            self.gg += g.T @ g
+        self.examples += x.shape[0]
+
+    def _inputs(self, x: Tensor) -> Tensor:
+        """Per-position inputs ``[b, T, d_in]``."""
+        if isinstance(self.layer, nn.Conv2d):
+            return conv_patches(self.layer, x.detach())
+        return x.detach().reshape(x.shape[0], -1, x.shape[-1])
+
+    def _grads(self, g: Tensor) -> Tensor:
+        """Per-position output gradients ``[b, T, d_out]``."""
+        if isinstance(self.layer, nn.Conv2d):
+            return g.flatten(2).transpose(1, 2)
+        return g.reshape(g.shape[0], -1, g.shape[-1])
+
+    def _check_positions(self, from_inputs: int, from_grads: int) -> None:
+        if from_inputs != from_grads or self.positions not in (None, from_inputs):
+            raise NapkitError(
+                f"inconsistent output positions for {type(self.layer).__name__}: inputs give {from_inputs}, "
+                f"gradients give {from_grads}, earlier batches gave {self.positions}; inputs must have one size"
+            )
+        self.positions = from_inputs
+
+    def _add_inputs(self, a: Tensor) -> None:
+        self.rows += a.shape[0]
+        if self.block:
+            blocks = a.reshape(a.shape[0], -1, self.block)
+            self.aa += torch.einsum("mnb,mnc->nbc", blocks, blocks)
+        else:
+            self.aa += a.T @ a
+            self.a_sum += a.sum(0)
+
+    def factors(self) -> KFACFactors:
+        """Divide the sums: A by the number of example-positions, G by the number of examples."""
+        has_bias = self.layer.bias is not None
+        a = self.aa / self.rows
+        common: dict[str, Any] = {
+            "G": self.gg / self.examples,
+            "num_samples": self.examples,
+            "has_bias": has_bias,
+            "positions": int(self.positions or 1),
+        }
+        if self.block:
+            bias = torch.ones((), dtype=self.dtype, device=self.device) if has_bias else None
+            return KFACFactors(A=None, A_blocks=a, A_bias=bias, **common)
+        if has_bias:
+            mean = (self.a_sum / self.rows).unsqueeze(1)
+            one = torch.ones(1, 1, dtype=self.dtype, device=self.device)
+            a = torch.cat([torch.cat([a, mean], 1), torch.cat([mean.T, one], 1)], 0)
+        return KFACFactors(A=a, **common)
+
+
+def _channels_before(model: nn.Module) -> dict[int, int]:
+    """id(module) -> out_channels of the last Conv2d preceding it in module order."""
+    found: dict[int, int] = {}
+    last: int | None = None
+    for module in model.modules():
+        if last is not None:
+            found[id(module)] = last
+        if isinstance(module, nn.Conv2d):
+            last = module.out_channels
+    return found
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def a_block_size(layer: PrunableLayer, max_dense_dim: int, in_channels: int | None) -> int | None:
+    """Block size of a block-diagonal A (one block per input channel), or None for a dense A.
+
+    A stays dense while ``d_in <= max_dense_dim``. Otherwise a Conv2d gets one ``kh*kw`` block per
+    input channel; a Linear layer gets ``d_in / in_channels`` (``in_channels`` = out_channels of
+    the last Conv2d before it, i.e. a flatten of conv features) when that divides and fits, else
+    the largest divisor of ``d_in`` not exceeding ``max_dense_dim``.
+    """
+    d_in = weight_matrix_shape(layer)[1]
+    if d_in <= max_dense_dim:
+        return None
+    if isinstance(layer, nn.Conv2d):
+        return layer.kernel_size[0] * layer.kernel_size[1]
+    if in_channels and d_in % in_channels == 0 and d_in // in_channels <= max_dense_dim:
+        return d_in // in_channels
+    return _largest_divisor(d_in, max_dense_dim)
+
+
+class _Recorder:
+    """Hooks that keep each layer's input (forward hook) and output gradient (tensor hook) for one batch.
+
+    The gradient comes from a hook on the output tensor, registered in the forward pass, so it is
+    dL/ds even when a later in-place op (``ReLU(inplace=True)`` after a conv) overwrites ``s``.
+    """
+
+    def __init__(self, layers: dict[str, PrunableLayer]) -> None:
+        self.inputs: dict[str, Tensor] = {}
+        self.grads: dict[str, Tensor] = {}
+        self.handles = [layer.register_forward_hook(self._hook(name)) for name, layer in layers.items()]
+        self.names = list(layers)
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
+        def keep_grad(g: Tensor) -> None:
+            self.grads[name] = g
+
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if name in self.inputs:
+                raise NapkitError(f"layer {name!r} ran twice in one forward pass; shared layers are not supported")
+            self.inputs[name] = inputs[0]
+            output.register_hook(keep_grad)
+
+        return hook
+
+    def take(self) -> list[tuple[Tensor, Tensor]]:
+        """(input, output gradient) of every layer for the batch just run, then forget them."""
+        missing = [n for n in self.names if n not in self.grads]
+        if missing:
+            raise NapkitError(f"layers {missing} did not run in the forward pass or do not influence the loss")
+        out = [(self.inputs[n], self.grads[n]) for n in self.names]
+        self.inputs, self.grads = {}, {}
+        return out
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class _EstimationMode:
+    """Context: eval mode and weights requiring grad during estimation; restores both afterwards."""
+
+    def __init__(self, model: nn.Module, layers: Iterable[PrunableLayer]) -> None:
+        self.model, self.weights = model, [layer.weight for layer in layers]
+
+    def __enter__(self) -> None:
+        self.training = [(m, m.training) for m in self.model.modules()]
+        self.requires = [(w, w.requires_grad) for w in self.weights]
+        self.model.eval()
+        for w in self.weights:
+            w.requires_grad_(True)
+
+    def __exit__(self, *exc: object) -> None:
+        for m, mode in self.training:
+            m.training = mode
+        for w, req in self.requires:
+            w.requires_grad_(req)
+
+
+def _check_args(
+    model: nn.Module, layers: dict[str, nn.Module] | None, fisher: str, counts: dict[str, int]
+) -> dict[str, PrunableLayer]:
+    """Validate the options; return the layers to estimate."""
+    if fisher not in FISHER_TYPES:
+        raise unknown_choice("fisher type", fisher, FISHER_TYPES)
+    for key, value in counts.items():
+        if value < 1:
+            raise NapkitError(f"{key} must be >= 1, got {value}")
+    chosen = prunable_layers(model) if layers is None else layers
+    bad = [name for name, m in chosen.items() if not is_prunable(m)]
+    if bad:
+        raise NapkitError(f"layers {bad} are not prunable (Linear, or Conv2d without groups/dilation)")
+    if not chosen:
+        raise NapkitError(f"{type(model).__name__} has no prunable layers")
+    return chosen  # type: ignore[return-value]
+
+
+def estimate_kfac(
+    model: nn.Module,
+    loader: Iterable[Sequence[Tensor]],
+    *,
+    layers: dict[str, nn.Module] | None = None,
+    fisher: str = "true",
+    num_samples: int = 1024,
+    chunk_size: int = 64,
+    max_dense_dim: int = 8192,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, KFACFactors]:
+    """K-FAC factors ``F ~ kron(G, A)`` of each layer (default: all prunable layers), see module docstring.
+
+    ``loader`` yields ``(inputs, labels, ...)`` batches; ``model(inputs)`` must return logits and
+    already live on ``device``. ``fisher="true"`` samples labels from the model's softmax with a
+    generator seeded by ``seed``; ``"empirical"`` uses the loader's labels. The loss is summed
+    (not averaged) so ``g`` is each example's own gradient. Stops after ``num_samples`` examples
+    (the last batch is truncated). Conv inputs are unfolded ``chunk_size`` examples at a time.
+    Sums accumulate in ``dtype``. A layer with ``d_in > max_dense_dim`` gets a block-diagonal A
+    (:func:`a_block_size`).
+    """
+    counts = {"num_samples": num_samples, "chunk_size": chunk_size, "max_dense_dim": max_dense_dim}
+    chosen = _check_args(model, layers, fisher, counts)
+    device = torch.device(device)
+    channels = _channels_before(model)
+    sums = [
+        _LayerSums(m, a_block_size(m, max_dense_dim, channels.get(id(m))), dtype, device) for m in chosen.values()
+    ]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    recorder = _Recorder(chosen)
+    seen = 0
+    try:
+        with _EstimationMode(model, chosen.values()), torch.enable_grad(), tqdm(
+            total=num_samples, unit="ex", desc="K-FAC", disable=not progress
+        ) as bar:
+            for batch in loader:
+                take = min(len(batch[0]), num_samples - seen)
+                x, y = batch[0][:take].to(device), batch[1][:take].to(device)
+                _add_batch(model, recorder, sums, x, y, fisher, generator, chunk_size)
+                seen += take
+                bar.update(take)
+                if seen >= num_samples:
+                    break
+    finally:
+        recorder.remove()
+    if seen == 0:
+        raise NapkitError("the loader yielded no examples")
+    return {name: s.factors() for name, s in zip(chosen, sums)}
+
+
+def _add_batch(
+    model: nn.Module,
+    recorder: _Recorder,
+    sums: list[_LayerSums],
+    x: Tensor,
+    y: Tensor,
+    fisher: str,
+    generator: torch.Generator,
+    chunk_size: int,
+) -> None:
+    """One forward/backward pass; add every layer's inputs and per-example output gradients."""
+    logits = model(x)
+    labels = sample_labels(logits, generator) if fisher == "true" else y
+    loss = F.cross_entropy(logits, labels, reduction="sum")
+    # Differentiating w.r.t. the weights (result discarded) runs the output-gradient hooks
+    # without touching any parameter's .grad.
+    torch.autograd.grad(loss, [s.layer.weight for s in sums], allow_unused=True)
+    for s, (inp, g) in zip(sums, recorder.take()):
+        s.add(inp, g, chunk_size)
+
+
+# --- combining estimates (data-parallel) ---------------------------------------------------
+
+
+def _weighted_sums(f: KFACFactors) -> list[Tensor]:
+    """The factor sums behind ``f`` (factor times N) and N itself, as tensors for reduction."""
+    n = float(f.num_samples)
+    a = [f.A] if f.A is not None else [f.A_blocks] + ([f.A_bias] if f.A_bias is not None else [])
+    parts = [t * n for t in a if t is not None] + [f.G * n]
+    return parts + [torch.tensor(n, dtype=f.G.dtype, device=f.G.device)]
+
+
+def _from_weighted_sums(template: KFACFactors, parts: list[Tensor]) -> KFACFactors:
+    """Inverse of :func:`_weighted_sums` after the sums were added up across shards."""
+    n = parts[-1]
+    scaled = [p / n for p in parts[:-1]]
+    common = {"G": scaled[-1], "num_samples": int(round(float(n)))}
+    if template.A is not None:
+        return KFACFactors(A=scaled[0], has_bias=template.has_bias, positions=template.positions, **common)
+    bias = scaled[1] if template.A_bias is not None else None
+    return KFACFactors(
+        A=None, A_blocks=scaled[0], A_bias=bias, has_bias=template.has_bias, positions=template.positions, **common
+    )
+
+
+def merge_factors(shards: Sequence[dict[str, KFACFactors]]) -> dict[str, KFACFactors]:
+    """Combine estimates from disjoint data shards: (sum of sums) / (sum of counts), per layer.
+
+    Equals one estimate on the union of the shards (up to rounding).
+    """
+    if not shards:
+        raise NapkitError("merge_factors needs at least one shard")
+    merged: dict[str, KFACFactors] = {}
+    for name, first in shards[0].items():
+        members = [shard[name] for shard in shards]
+        if len({(f.positions, f.has_bias, f.is_block_diagonal) for f in members}) != 1:
+            raise NapkitError(f"shards disagree on the layout of layer {name!r}")
+        parts = [sum(ps) for ps in zip(*(_weighted_sums(f) for f in members))]
+        merged[name] = _from_weighted_sums(first, parts)
+    return merged
+
+
+def all_reduce_factors(factors: dict[str, KFACFactors]) -> dict[str, KFACFactors]:
+    """Data-parallel reduction: every rank's estimate becomes the estimate on the union of all ranks' data.
+
+    A no-op when ``torch.distributed`` is not initialised. Every rank must hold the same layers
+    with the same layout (same model, same input size).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return factors
+    reduced: dict[str, KFACFactors] = {}
+    for name, f in factors.items():
+        parts = _weighted_sums(f)
+        for p in parts:
+            dist.all_reduce(p)
+        reduced[name] = _from_weighted_sums(f, parts)
+    return reduced
