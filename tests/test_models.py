@@ -1,0 +1,152 @@
+"""Model registry: every model builds and runs, widths scale, configs compose, pretrained loads offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from torchvision import models as tvm
+
+from napkit.errors import NapkitError
+from napkit.models import create_model, list_models
+from napkit.models.imagenet import pretrained_path
+
+SMALL = ["alexnet_small", "resnet50_small", "vgg16_small"]
+FULL = ["alexnet", "resnet50", "vgg16", "vgg16_bn"]
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+ORDINARY = (
+    nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Linear, nn.Dropout, nn.Identity
+)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_registry_lists_every_model():
+    assert list_models() == sorted(SMALL + FULL)
+
+
+@pytest.mark.parametrize("name", SMALL)
+@pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 32)])
+def test_small_models_forward(name, channels, size):
+    model = create_model(name, num_classes=10, in_channels=channels, input_size=size)
+    assert model(torch.randn(2, channels, size, size)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_full_size_models_forward(name):
+    model = create_model(name, num_classes=7, in_channels=3, input_size=224).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 224, 224)).shape == (1, 7)
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [("alexnet_small", tvm.AlexNet), ("vgg16_small", tvm.VGG), ("resnet50_small", tvm.ResNet)],
+)
+def test_small_models_are_torchvision_classes_of_ordinary_modules(name, cls):
+    model = create_model(name, num_classes=10, in_channels=3, input_size=32)
+    assert isinstance(model, cls)
+    leaves = [m for m in model.modules() if not list(m.children())]
+    assert all(isinstance(m, ORDINARY) for m in leaves), {type(m).__name__ for m in leaves}
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_width_scales_parameters_quadratically(name):
+    def count(width: float) -> int:
+        return n_params(create_model(name, num_classes=10, in_channels=3, input_size=32, width=width))
+
+    assert 3.0 < count(0.5) / count(0.25) < 4.2
+
+
+def test_tiny_width_keeps_at_least_one_channel():
+    model = create_model("vgg16_small", num_classes=10, in_channels=1, input_size=28, width=0.001)
+    assert model.features[0].out_channels == 1
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_vgg16_small_without_batch_norm_and_dropout_kwarg():
+    model = create_model(
+        "vgg16_small", num_classes=10, in_channels=3, input_size=32, batch_norm=False, dropout=0.3
+    )
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert {m.p for m in model.modules() if isinstance(m, nn.Dropout)} == {0.3}
+
+
+def test_full_size_model_with_one_input_channel_replaces_first_conv():
+    model = create_model("alexnet", num_classes=10, in_channels=1, input_size=224).eval()
+    assert model.features[0].in_channels == 1 and model.features[0].out_channels == 64
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 224, 224)).shape == (1, 10)
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(NapkitError, match="unknown model 'vgg17'") as info:
+        create_model("vgg17", num_classes=10, in_channels=3, input_size=32)
+    assert all(name in str(info.value) for name in list_models())
+
+
+def test_unknown_option_lists_valid_options():
+    with pytest.raises(NapkitError, match="unknown option.*depth.*valid options: width, batch_norm, dropout"):
+        create_model("vgg16_small", num_classes=10, in_channels=3, input_size=32, depth=3)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        ("alexnet", {"input_size": 32}, "input_size >= 63"),
+        ("resnet50_small", {"width": 0.0}, "width > 0"),
+        ("vgg16_small", {"num_classes": 0}, "positive integer num_classes"),
+    ],
+)
+def test_bad_arguments_give_clear_errors(name, kwargs, message):
+    args = {"num_classes": 10, "in_channels": 3, "input_size": 224} | kwargs
+    with pytest.raises(NapkitError, match=message):
+        create_model(name, **args)
+
+
+@pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_model_config_composes(path):
+    cfg = OmegaConf.load(path)
+    assert cfg.name == path.stem
+    small = cfg.name in SMALL
+    model = create_model(**cfg, num_classes=10, in_channels=3, input_size=32 if small else 224)
+    assert isinstance(model, nn.Module)
+
+
+def test_every_model_has_a_config():
+    assert sorted(p.stem for p in CONF.glob("*.yaml")) == list_models()
+
+
+def test_pretrained_weights_load_from_local_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    reference = tvm.resnet50(weights=None)
+    path = pretrained_path("resnet50")
+    assert path.parent == tmp_path / "hub" / "checkpoints" and path.name.startswith("resnet50-")
+    path.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), path)
+
+    same = create_model("resnet50", num_classes=1000, in_channels=3, input_size=224, pretrained=True)
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in same.state_dict().items())
+
+    adapted = create_model("resnet50", num_classes=10, in_channels=1, input_size=224, pretrained=True)
+    assert adapted.fc.out_features == 10 and adapted.conv1.in_channels == 1
+    assert torch.equal(adapted.layer4[2].conv3.weight, reference.layer4[2].conv3.weight)
+    assert torch.equal(adapted.bn1.running_var, reference.bn1.running_var)
+
+
+def test_missing_or_wrong_pretrained_weights_give_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = pretrained_path("alexnet")
+    with pytest.raises(NapkitError, match="not found at") as info:
+        create_model("alexnet", num_classes=10, in_channels=3, input_size=224, pretrained=True)
+    assert str(path) in str(info.value) and "torchvision.models.alexnet(weights='DEFAULT')" in str(info.value)
+
+    path.parent.mkdir(parents=True)
+    torch.save({"not.an.alexnet": torch.zeros(1)}, path)
+    with pytest.raises(NapkitError, match="does not hold 'alexnet' weights"):
+        create_model("alexnet", num_classes=10, in_channels=3, input_size=224, pretrained=True)
