@@ -91,6 +91,12 @@ class KFACFactors:
         """Weight columns (without the bias column)."""
         return self.d_in_h - int(self.has_bias)
 
+    def to(self, dtype: torch.dtype) -> KFACFactors:
+        """Copy with every factor cast to ``dtype`` (scores invert in float64 whatever was accumulated)."""
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        return replace(self, A=cast(self.A), G=self.G.to(dtype), A_blocks=cast(self.A_blocks),
+                       A_bias=cast(self.A_bias))
+
     # --- damping ---------------------------------------------------------------------------
 
     def a_mean_eig(self) -> Tensor:
@@ -118,11 +124,16 @@ class KFACFactors:
             raise NapkitError(f"damping must be >= 0, got {l}")
         mean_a, mean_g = self.a_mean_eig(), self.g_mean_eig()
         for name, mean in (("A", mean_a), ("G", mean_g)):
-            if not bool(torch.isfinite(mean)) or float(mean) <= 0:
+            if not bool(torch.isfinite(mean)) or float(mean) < 0:
                 raise NapkitError(f"cannot damp relative to the mean eigenvalue: factor {name} has trace {float(mean)}")
-        lam = l * mean_a * mean_g
-        pi = mean_a / mean_g
-        return self._shifted(torch.sqrt(lam * pi), torch.sqrt(lam / pi))
+        # A zero factor (e.g. no gradient reaches a layer behind dead ReLUs) carries no curvature:
+        # damp it by the smallest normal number so it stays invertible and its scores go to ~0.
+        tiny = torch.finfo(self.G.dtype).tiny
+        mean_a, mean_g = mean_a.clamp(min=tiny), mean_g.clamp(min=tiny)
+        # sqrt(lambda * pi) = sqrt(l) * mean_a and sqrt(lambda / pi) = sqrt(l) * mean_g, computed in
+        # this form so tiny traces cannot underflow lambda
+        root = l**0.5
+        return self._shifted(root * mean_a, root * mean_g)
 
     def _shifted(self, shift_a: Tensor, shift_g: Tensor) -> KFACFactors:
         """Copy with ``A + shift_a I`` and ``G + shift_g I``."""

@@ -16,6 +16,10 @@ from napkit.pruning.masks import MaskSet
 ALLOCATIONS = ("global", "uniform")
 
 
+class CannotPruneFurther(NapkitError):
+    """Every layer is at its cap or down to one weight per output: the target cannot be reached."""
+
+
 def _eligible(score: torch.Tensor, keep: torch.Tensor, max_sparsity: float) -> torch.Tensor:
     """Scores of the weights this step may prune; +inf for the rest (already pruned ones: nan-free +inf)."""
     rows = score.reshape(score.shape[0], -1).clone()
@@ -74,7 +78,7 @@ def prune_lowest(
             new.masks[n].view(-1)[picked] = False
             removed += k
     if amount > 0 and removed == 0:
-        raise NapkitError(
+        raise CannotPruneFurther(
             f"cannot prune {amount} more weights: every layer is at its cap (max_layer_sparsity="
             f"{max_layer_sparsity}) or down to one weight per output; lower the target"
         )

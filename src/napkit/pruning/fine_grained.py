@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from napkit.curvature import KFACFactors
@@ -67,6 +68,6 @@ class FineGrainedPruner:
             for name in new.masks:
                 newly = masks.masks[name] & ~new.masks[name]
                 if newly.any():
-                    obs_compensate_(layers[name], factors[name].damped(self.damping), newly)
+                    obs_compensate_(layers[name], factors[name].to(torch.float64).damped(self.damping), newly)
         new.apply_(model)
         return new

@@ -57,9 +57,10 @@ def _matrix(layer: PrunableLayer) -> torch.Tensor:
 
 
 def _require(name: str, factors: KFACFactors | None) -> KFACFactors:
+    """The layer's factors in float64 (inverting float32 factors of a large layer loses precision)."""
     if factors is None:
         raise NapkitError(f"no K-FAC factors for layer {name!r}; run the curvature stage for this model")
-    return factors
+    return factors.to(torch.float64)
 
 
 def _a_diagonal(f: KFACFactors) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 
 from napkit.errors import NapkitError
 from napkit.io import load_torch, save_torch
+from napkit.pruning.allocation import CannotPruneFurther
 from napkit.pruning.masks import MaskSet
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def _continue(records: list[IterationRecord], masks: MaskSet, model: nn.Module, 
         t0 = time.perf_counter()
         try:
             masks = step(model, masks, it)
-        except NapkitError as exc:
+        except CannotPruneFurther as exc:
             log.warning("prune loop: %s", exc)
             return "cannot_prune_further"
         finetune(model, masks, it)
