@@ -1,0 +1,242 @@
+"""Channel importance criteria: one score per channel of every group (higher = more important).
+
+Mirrors the fine-grained registry (:mod:`napkit.pruning.importance`): a criterion is a small class
+decorated with ``@register_channel_importance``. NAP's scores (nap.md s.3) are the OBS loss increase
+of removing a channel under K-FAC, summed over the producer rows and consumer column blocks of the
+group's members (the curvature is block-diagonal across layers).
+
+BatchNorm in the NAP score: the producer row term is computed on the conv (Linear) weights and
+their own K-FAC factors; a BatchNorm between producer and consumer carries no curvature factors and
+just follows its channel out. Its effect on the loss is still seen through the consumer's column
+term, whose A factor is estimated on the normalised activations the consumer actually reads.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from napkit.curvature import KFACFactors, weight_with_bias
+from napkit.errors import NapkitError, unknown_choice
+from napkit.structured.groups import ChannelGroup, Consumer, saved_flops
+
+Scores = dict[str, Tensor]
+
+_CHANNEL_IMPORTANCES: dict[str, type[ChannelImportance]] = {}
+
+
+def register_channel_importance(name: str) -> Callable[[type[ChannelImportance]], type[ChannelImportance]]:
+    def deco(cls: type[ChannelImportance]) -> type[ChannelImportance]:
+        _CHANNEL_IMPORTANCES[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def list_channel_importances() -> list[str]:
+    return sorted(_CHANNEL_IMPORTANCES)
+
+
+def channel_importance_class(name: str) -> type[ChannelImportance]:
+    """The criterion class registered as ``name``; an unknown name lists the valid ones."""
+    if name not in _CHANNEL_IMPORTANCES:
+        raise unknown_choice("channel importance", name, _CHANNEL_IMPORTANCES)
+    return _CHANNEL_IMPORTANCES[name]
+
+
+def create_channel_importance(name: str, **kwargs: object) -> ChannelImportance:
+    """Instantiate a channel criterion by name; an unknown name lists the valid ones."""
+    return channel_importance_class(name)(**kwargs)
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What some criteria need besides the model, keyed by the CURRENT model's layer names."""
+
+    factors: dict[str, KFACFactors] | None = None
+    layer_flops: dict[str, int] | None = None
+
+
+class ChannelImportance(ABC):
+    """Scores every channel of every group; float64 tensors of shape ``[group.size]``, keyed by group id.
+
+    A score of +inf means "this criterion cannot judge the channel": the pruner never removes it.
+    """
+
+    name: ClassVar[str]
+    needs_curvature: ClassVar[bool] = False
+
+    @abstractmethod
+    def __call__(
+        self, model: nn.Module, groups: list[ChannelGroup], inputs: ScoreInputs = ScoreInputs()
+    ) -> Scores:
+        """Scores keyed by group id."""
+
+
+def _l1(model: nn.Module, name: str) -> Tensor:
+    """L1 norm of each output filter of a layer (no bias), float64."""
+    w = model.get_submodule(name).weight.detach()
+    return w.reshape(w.shape[0], -1).abs().sum(1, dtype=torch.float64)
+
+
+@register_channel_importance("l1")
+class L1Filter(ChannelImportance):
+    """L1 norm of the producer filters (Li et al. 2017), summed over a coupled group's producers."""
+
+    def __call__(
+        self, model: nn.Module, groups: list[ChannelGroup], inputs: ScoreInputs = ScoreInputs()
+    ) -> Scores:
+        return {g.id: torch.stack([_l1(model, p) for p in g.producers]).sum(0) for g in groups}
+
+
+@register_channel_importance("bn_gamma")
+class BnGamma(ChannelImportance):
+    """|gamma| of the BatchNorm (network slimming, Liu et al. 2017), summed over a coupled group.
+
+    Groups without BatchNorm (e.g. hidden Linear units) get +inf: slimming cannot judge them.
+    """
+
+    def __call__(
+        self, model: nn.Module, groups: list[ChannelGroup], inputs: ScoreInputs = ScoreInputs()
+    ) -> Scores:
+        if not any(g.norms for g in groups):
+            raise NapkitError(f"bn_gamma needs BatchNorm layers; {type(model).__name__} has none")
+        return {g.id: self._group(model, g) for g in groups}
+
+    @staticmethod
+    def _group(model: nn.Module, group: ChannelGroup) -> Tensor:
+        if not group.norms:
+            return torch.full((group.size,), math.inf, dtype=torch.float64)
+        gammas = [model.get_submodule(n).weight.detach().abs().double() for n in group.norms]
+        return torch.stack(gammas).sum(0)
+
+
+@register_channel_importance("random")
+class RandomChannels(ChannelImportance):
+    """Uniform random scores: the floor every criterion must beat."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(
+        self, model: nn.Module, groups: list[ChannelGroup], inputs: ScoreInputs = ScoreInputs()
+    ) -> Scores:
+        return {g.id: torch.rand(g.size, generator=self.generator, dtype=torch.float64) for g in groups}
+
+
+@register_channel_importance("nap")
+class NapChannels(ChannelImportance):
+    """OBS under K-FAC for channels (nap.md s.3) on pi-damped factors.
+
+    Per channel: producer rows ``w_i^T A w_i / (2 [G^-1]_ii)`` (``w_i`` row i of ``W_h``, bias
+    included) plus, for every consumer, ``0.5 tr(W_B^T G W_B ([A^-1]_BB)^-1)`` over the channel's
+    column block B. ``per_flop`` divides by the FLOPs the channel's removal saves (FLOPs targets).
+    """
+
+    needs_curvature = True
+
+    def __init__(self, damping: float = 0.1, per_flop: bool = False) -> None:
+        self.damping, self.per_flop = damping, per_flop
+
+    def __call__(
+        self, model: nn.Module, groups: list[ChannelGroup], inputs: ScoreInputs = ScoreInputs()
+    ) -> Scores:
+        factors, layer_flops = inputs.factors, inputs.layer_flops
+        if factors is None:
+            raise NapkitError(f"{self.name} needs K-FAC factors of the current model; pass factors")
+        if self.per_flop and layer_flops is None:
+            raise NapkitError(f"{self.name} with per_flop needs the model's per-layer FLOPs")
+        members = {p for g in groups for p in g.producers} | {c.name for g in groups for c in g.consumers}
+        damped = {name: self._factors(model, name, factors) for name in members}
+        scores: Scores = {}
+        for g in groups:
+            terms = [row_terms(model, p, damped[p]) for p in g.producers]
+            terms += [column_terms(model, c, damped[c.name]) for c in g.consumers]
+            score = torch.stack(terms).sum(0)
+            if layer_flops is not None and self.per_flop:
+                score = score / saved_flops(model, g, layer_flops)
+            scores[g.id] = score
+        return scores
+
+    def _factors(self, model: nn.Module, name: str, factors: dict[str, KFACFactors]) -> KFACFactors:
+        """The layer's damped factors, checked against its current shape."""
+        if name not in factors:
+            raise NapkitError(f"no K-FAC factors for layer {name!r}; estimate them on the current model")
+        f = factors[name]
+        if float(f.g_mean_eig()) <= torch.finfo(f.G.dtype).tiny:
+            raise NapkitError(
+                f"layer {name!r} has (numerically) zero output-gradient curvature G: the loss does not depend "
+                f"on its outputs (e.g. a zero-initialised residual BatchNorm); NAP needs a trained model"
+            )
+        w = weight_with_bias(model.get_submodule(name))
+        if (f.d_out, f.d_in_h) != tuple(w.shape):
+            raise NapkitError(
+                f"K-FAC factors of {name!r} are {f.d_out}x{f.d_in_h} but the layer is "
+                f"{w.shape[0]}x{w.shape[1]}; they were estimated on another (unpruned?) model"
+            )
+        return f.damped(self.damping)
+
+
+@register_channel_importance("nap_per_flop")
+class NapPerFlop(NapChannels):
+    """NAP score divided by the FLOPs the channel's removal saves: loss per FLOP, for FLOPs targets."""
+
+    def __init__(self, damping: float = 0.1) -> None:
+        super().__init__(damping=damping, per_flop=True)
+
+
+def row_terms(model: nn.Module, name: str, f: KFACFactors) -> Tensor:
+    """OBS cost of removing each output row of layer ``name``: ``w_i^T A w_i / (2 [G^-1]_ii)``."""
+    w = weight_with_bias(model.get_submodule(name)).to(f.G)
+    return ((f.mul_a(w) * w).sum(1) / (2.0 * f.g_inv_diag())).double()
+
+
+def column_terms(model: nn.Module, consumer: Consumer, f: KFACFactors) -> Tensor:
+    """OBS cost of removing each input channel (column block B) of a consumer.
+
+    ``0.5 tr(W_B^T G W_B P_B)`` with ``P_B = ([A^-1]_BB)^-1``; for one column this is
+    ``w_j^T G w_j / (2 [A^-1]_jj)``.
+    """
+    b = consumer.block
+    w = weight_with_bias(model.get_submodule(consumer.name)).to(f.G)[:, : f.d_in]
+    channels = f.d_in // b
+    wb = w.reshape(w.shape[0], channels, b)
+    gwb = (f.G @ w).reshape(w.shape[0], channels, b)
+    m = torch.einsum("ocb,oce->cbe", wb, gwb)
+    return (0.5 * (m * _schur_blocks(f, channels, b)).sum((1, 2))).double()
+
+
+def _schur_blocks(f: KFACFactors, channels: int, b: int) -> Tensor:
+    """``([A^-1]_BB)^-1`` for each channel's column block B (``[channels, b, b]``)."""
+    if f.A_blocks is not None and f.A_blocks.shape[1] == b:
+        return f.A_blocks  # blocks of a block-diagonal A are exactly the channels' blocks
+    return _spd_inverse(_inverse_blocks(f, channels, b))
+
+
+def _inverse_blocks(f: KFACFactors, channels: int, b: int) -> Tensor:
+    """Diagonal blocks ``[A^-1]_BB`` of the weight columns, one per channel."""
+    inv = f.a_inverse()
+    if f.A is not None:
+        d = channels * b
+        return inv[:d, :d].reshape(channels, b, channels, b).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    s = inv.shape[1]  # block-diagonal A whose blocks do not match the channels
+    idx = torch.arange(channels * b, device=inv.device).reshape(channels, b)
+    blk, off = idx // s, idx % s
+    vals = inv[blk[:, :, None], off[:, :, None], off[:, None, :]]
+    same = blk[:, :, None] == blk[:, None, :]
+    return torch.where(same, vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
+
+
+def _spd_inverse(m: Tensor) -> Tensor:
+    """Inverse of a batch of symmetric positive definite matrices (Cholesky)."""
+    chol, info = torch.linalg.cholesky_ex(m)
+    if bool((info != 0).any()):
+        raise NapkitError("a block of A^-1 is not positive definite; increase the damping")
+    return torch.cholesky_inverse(chol)

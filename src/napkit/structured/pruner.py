@@ -1,0 +1,318 @@
+"""One structured pruning step: score every channel, rank, remove physically, never past the target.
+
+Reductions are factors ("x times fewer"): ``target_flops_reduction=2`` stops at half the dense
+model's FLOPs. The FLOPs and parameters of any candidate removal are computed exactly from the
+layer shapes (Conv2d/Linear FLOPs are bilinear in output and input channels), so a step can stop
+at the first channel that reaches the target.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from napkit.curvature import KFACFactors
+from napkit.errors import NapkitError, unknown_choice
+from napkit.evaluation.cost import layer_flops
+from napkit.structured.groups import ChannelGroup, channel_groups, in_channels, rows
+from napkit.structured.importance import ChannelImportance, ScoreInputs, channel_importance_class
+from napkit.structured.surgery import apply
+
+FactorsProvider = Callable[[nn.Module, int], dict[str, KFACFactors]]
+ALLOCATIONS = ("global", "uniform")
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, dict[str, int]]:
+    """:func:`layer_flops` without leaving the model in eval mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        return layer_flops(model, input_shape)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class _Layers:
+    """Per-layer terms of the cost model, as tensors (group index G = "no group")."""
+
+    producer: Tensor  # group whose channels are the layer's rows
+    consumer: Tensor  # group whose channels are the layer's input channels
+    rows: Tensor
+    channels: Tensor  # input channels (units of ``block`` columns)
+    block: Tensor
+    bias: Tensor
+    flops_unit: Tensor  # FLOPs per (row, input channel) pair
+
+
+class CostModel:
+    """Exact params and FLOPs of ``model`` after removing ``removed[g]`` channels from each group."""
+
+    def __init__(
+        self, model: nn.Module, groups: list[ChannelGroup], flops: tuple[int, dict[str, int]]
+    ) -> None:
+        self.num_groups = len(groups)
+        members: dict[str, list[int]] = {}
+        block: dict[str, int] = {}
+        for i, g in enumerate(groups):
+            for p in g.producers:
+                members.setdefault(p, [len(groups), len(groups)])[0] = i
+            for c in g.consumers:
+                members.setdefault(c.name, [len(groups), len(groups)])[1] = i
+                block[c.name] = c.block
+        self.layers = self._layers(model, members, block, flops[1])
+        norms = [(i, model.get_submodule(n)) for i, g in enumerate(groups) for n in g.norms]
+        self.norm_group = torch.tensor([i for i, _ in norms], dtype=torch.long)
+        self.norm_features = torch.tensor([m.num_features for _, m in norms], dtype=torch.long)
+        self.norm_params = torch.tensor([2 * int(m.affine) for _, m in norms], dtype=torch.long)
+        zero = torch.zeros(self.num_groups + 1, dtype=torch.long)
+        params0, flops0 = self._variable(zero)
+        self.base_params = count_params(model) - params0
+        self.base_flops = flops[0] - flops0
+
+    @staticmethod
+    def _layers(
+        model: nn.Module, members: dict[str, list[int]], block: dict[str, int], per_layer: dict[str, int]
+    ) -> _Layers:
+        names = list(members)
+        layers = [model.get_submodule(n) for n in names]
+        # a layer that consumes no group has all its columns as one fixed unit
+        blocks = [block.get(n, layer.weight[0].numel()) for n, layer in zip(names, layers)]
+
+        def longs(values: list[int]) -> Tensor:
+            return torch.tensor(values, dtype=torch.long)
+
+        r = longs([rows(layer) for layer in layers])
+        c = longs([in_channels(layer, b) for layer, b in zip(layers, blocks)])
+        return _Layers(
+            producer=longs([members[n][0] for n in names]),
+            consumer=longs([members[n][1] for n in names]),
+            rows=r, channels=c, block=longs(blocks),
+            bias=longs([int(layer.bias is not None) for layer in layers]),
+            flops_unit=longs([per_layer[n] for n in names]) // (r * c),
+        )
+
+    def _variable(self, removed: Tensor) -> tuple[int, int]:
+        """Params and FLOPs of the group members, ``removed`` padded with a trailing 0 ("no group")."""
+        lay = self.layers
+        r = lay.rows - removed[lay.producer]
+        c = lay.channels - removed[lay.consumer]
+        params = (r * (c * lay.block + lay.bias)).sum() + (self.norm_params * (
+            self.norm_features - removed[self.norm_group])).sum()
+        return int(params), int((lay.flops_unit * r * c).sum())
+
+    def cost(self, removed: Tensor) -> tuple[int, int]:
+        """(params, FLOPs) after removing ``removed[g]`` channels of group g."""
+        padded = torch.cat([removed.long(), torch.zeros(1, dtype=torch.long)])
+        params, flops = self._variable(padded)
+        return self.base_params + params, self.base_flops + flops
+
+
+class StructuredPruner:
+    """Removes ``step_fraction`` of the remaining prunable channels per call, never past the target.
+
+    ``importance`` is a criterion or its registered name (``damping`` goes to curvature criteria
+    created by name). ``dense`` is the unpruned model the reductions refer to; ``input_shape`` the
+    ``(1, C, H, W)`` shape FLOPs are counted at. ``allocation="global"`` ranks all candidate channels
+    by score across groups (each group's ratio falls out); ``"uniform"`` removes the same share of
+    every group (ordered within a group by score). A group keeps at least ``min_channels`` and at
+    least ``1 - max_group_sparsity`` of its dense channels. ``factors_provider(model, iteration)``
+    returns K-FAC factors keyed by the CURRENT model's layer names.
+    """
+
+    def __init__(
+        self,
+        importance: str | ChannelImportance,
+        dense: nn.Module,
+        *,
+        input_shape: tuple[int, ...],
+        step_fraction: float,
+        target_flops_reduction: float | None = None,
+        target_params_reduction: float | None = None,
+        allocation: str = "global",
+        min_channels: int = 1,
+        max_group_sparsity: float = 0.9,
+        factors_provider: FactorsProvider | None = None,
+        damping: float = 0.1,
+    ) -> None:
+        self.importance = _criterion(importance, damping)
+        _check_options(step_fraction, allocation, min_channels, max_group_sparsity)
+        if self.importance.needs_curvature and factors_provider is None:
+            raise NapkitError(f"channel importance {self.importance.name!r} needs K-FAC factors; "
+                              f"pass a factors_provider")
+        self.target = _target(target_flops_reduction, target_params_reduction)
+        self.input_shape, self.step_fraction, self.allocation = input_shape, step_fraction, allocation
+        self.min_channels, self.max_group_sparsity = min_channels, max_group_sparsity
+        self.factors_provider = factors_provider
+        groups = channel_groups(dense)
+        if not groups:
+            raise NapkitError(f"{type(dense).__name__} has no prunable channel groups")
+        self.dense_sizes = {g.id: g.size for g in groups}
+        flops = count_flops(dense, input_shape)
+        self.dense = {"params": count_params(dense), "flops": flops[0]}
+        self._check_reachable(dense, groups, flops)
+
+    def _floor(self, group: ChannelGroup) -> int:
+        """Fewest channels the group may keep."""
+        dense = self.dense_sizes.get(group.id)
+        if dense is None:
+            raise NapkitError(f"channel group {group.id!r} is not in the dense model of this pruner")
+        return max(self.min_channels, math.ceil(round((1.0 - self.max_group_sparsity) * dense, 9)))
+
+    def _check_reachable(
+        self, dense: nn.Module, groups: list[ChannelGroup], flops: tuple[int, dict[str, int]]
+    ) -> None:
+        """Fail early when even the smallest allowed model misses the target."""
+        if self.target is None:
+            return
+        room = torch.tensor([max(0, g.size - self._floor(g)) for g in groups])
+        best = self._reductions(*CostModel(dense, groups, flops).cost(room))
+        kind, value = self.target
+        if best[kind] < value * (1 - 1e-12):
+            raise NapkitError(
+                f"target {kind} reduction {value}x cannot be reached: with min_channels={self.min_channels} "
+                f"and max_group_sparsity={self.max_group_sparsity} the smallest model has "
+                f"{best[kind]:.3f}x fewer {kind}"
+            )
+
+    def _reductions(self, params: int, flops: int) -> dict[str, float]:
+        return {"params": self.dense["params"] / params, "flops": self.dense["flops"] / flops}
+
+    def measure(self, model: nn.Module) -> dict[str, float]:
+        """Params, FLOPs (batch 1) and their reductions (dense / current) of ``model``."""
+        params, flops = count_params(model), count_flops(model, self.input_shape)[0]
+        red = self._reductions(params, flops)
+        return {"params": params, "flops": flops,
+                "params_reduction": red["params"], "flops_reduction": red["flops"]}
+
+    def reached(self, model: nn.Module) -> bool:
+        """Whether ``model`` meets the target (False without a target)."""
+        if self.target is None:
+            return False
+        kind, value = self.target
+        return self.measure(model)[f"{kind}_reduction"] >= value * (1 - 1e-12)
+
+    def __call__(self, model: nn.Module, iteration: int) -> nn.Module:
+        """A new, smaller model; ``model`` itself when it already meets the target."""
+        groups = channel_groups(model)
+        flops = count_flops(model, self.input_shape)
+        factors = self.factors_provider(model, iteration) if self.importance.needs_curvature else None
+        scores = self.importance(model, groups, ScoreInputs(factors, flops[1]))
+        group_of, channel = self._order(groups, scores)
+        if group_of.numel() == 0:
+            raise NapkitError(
+                f"cannot prune further: every channel group is at its floor (min_channels="
+                f"{self.min_channels}, max_group_sparsity={self.max_group_sparsity}) or unscored by "
+                f"{self.importance.name!r}"
+            )
+        k = self._stop(CostModel(model, groups, flops), group_of)
+        if k == 0:
+            return model
+        return apply(model, _plan(groups, group_of[:k], channel[:k]), groups=groups)
+
+    def _order(self, groups: list[ChannelGroup], scores: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Candidate channels in removal order: (group index, channel index), this step's share only."""
+        group_of, channel, keys = [], [], []
+        for i, g in enumerate(groups):
+            score = _checked(scores, g)
+            order = torch.argsort(score, stable=True)
+            order = order[torch.isfinite(score[order])][: max(0, g.size - self._floor(g))]
+            if self.allocation == "uniform":
+                order = order[: max(1, round(self.step_fraction * g.size))]
+                keys.append((torch.arange(len(order), dtype=torch.float64) + 0.5) / g.size)
+            else:
+                keys.append(score[order])
+            group_of.append(torch.full((len(order),), i, dtype=torch.long))
+            channel.append(order)
+        perm = torch.argsort(torch.cat(keys), stable=True)
+        if self.allocation == "global":
+            perm = perm[: max(1, round(self.step_fraction * sum(g.size for g in groups)))]
+        return torch.cat(group_of)[perm], torch.cat(channel)[perm]
+
+    def _stop(self, cost: CostModel, group_of: Tensor) -> int:
+        """Length of the removal prefix: all of it, or the shortest prefix that reaches the target."""
+        n = group_of.numel()
+        if self.target is None:
+            return n
+        kind, value = self.target
+
+        def reached(k: int) -> bool:
+            removed = torch.bincount(group_of[:k], minlength=cost.num_groups)
+            return self._reductions(*cost.cost(removed))[kind] >= value * (1 - 1e-12)
+
+        if not reached(n):
+            return n
+        lo, hi = 0, n  # reached(hi) holds; find the smallest such k
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if reached(mid) else (mid + 1, hi)
+        return hi
+
+
+def _criterion(importance: str | ChannelImportance, damping: float) -> ChannelImportance:
+    if isinstance(importance, ChannelImportance):
+        return importance
+    cls = channel_importance_class(importance)
+    return cls(damping=damping) if cls.needs_curvature else cls()  # type: ignore[call-arg]
+
+
+def _check_options(
+    step_fraction: float, allocation: str, min_channels: int, max_group_sparsity: float
+) -> None:
+    if not 0.0 < step_fraction <= 1.0:
+        raise NapkitError(f"step_fraction must be in (0, 1], got {step_fraction}")
+    if allocation not in ALLOCATIONS:
+        raise unknown_choice("allocation", allocation, ALLOCATIONS)
+    if min_channels < 1:
+        raise NapkitError(f"min_channels must be >= 1, got {min_channels}")
+    if not 0.0 < max_group_sparsity <= 1.0:
+        raise NapkitError(f"max_group_sparsity must be in (0, 1], got {max_group_sparsity}")
+
+
+def _target(flops: float | None, params: float | None) -> tuple[str, float] | None:
+    """("flops" | "params", factor) or None; a factor must exceed 1 (x times fewer)."""
+    if flops is not None and params is not None:
+        raise NapkitError("set target_flops_reduction or target_params_reduction, not both")
+    for kind, value in (("flops", flops), ("params", params)):
+        if value is None:
+            continue
+        if not value > 1.0:
+            raise NapkitError(
+                f"target_{kind}_reduction is a factor (x times fewer {kind}) and must be > 1, got {value}; "
+                f"to remove a share s of the {kind}, pass 1 / (1 - s)"
+            )
+        return kind, float(value)
+    return None
+
+
+def _checked(scores: dict[str, Tensor], group: ChannelGroup) -> Tensor:
+    """The group's scores as a float64 vector; errors on a missing group, a wrong shape or NaN."""
+    if group.id not in scores:
+        raise NapkitError(f"the importance gave no scores for channel group {group.id!r}")
+    score = scores[group.id].detach().double().cpu()
+    if score.shape != (group.size,):
+        raise NapkitError(
+            f"scores of group {group.id!r} have shape {tuple(score.shape)}, expected ({group.size},)"
+        )
+    if bool(torch.isnan(score).any()):
+        raise NapkitError(f"scores of group {group.id!r} contain NaN")
+    return score
+
+
+def _plan(groups: list[ChannelGroup], group_of: Tensor, channel: Tensor) -> dict[str, Tensor]:
+    """Keep indices of every group that loses channels."""
+    plan = {}
+    for i in torch.unique(group_of).tolist():
+        g = groups[i]
+        keep = torch.ones(g.size, dtype=torch.bool)
+        keep[channel[group_of == i]] = False
+        plan[g.id] = torch.nonzero(keep).flatten()
+    return plan

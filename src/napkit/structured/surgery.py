@@ -1,0 +1,175 @@
+"""Physical channel removal: smaller Conv2d / BatchNorm / Linear layers in a model of the same class.
+
+A pruned model is described by :func:`channel_counts` (out channels per producer), so it can be
+rebuilt without pickled code: ``slim_to(create_model(...), counts)`` then ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from napkit.errors import NapkitError
+from napkit.structured.groups import ChannelGroup, channel_groups, find_group, rows
+
+Plan = Mapping[str, Tensor | Sequence[int]]
+
+
+def _take(t: Tensor, keep: Tensor, dim: int = 0) -> Tensor:
+    """A fresh tensor with entries ``keep`` of ``t`` along ``dim``."""
+    return t.detach().index_select(dim, keep.to(t.device))
+
+
+def _set_param(module: nn.Module, name: str, value: Tensor) -> None:
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value, requires_grad=old.requires_grad))
+
+
+def _slice_rows(layer: nn.Module, keep: Tensor) -> None:
+    """Keep output channels / units ``keep`` of a Conv2d or Linear."""
+    _set_param(layer, "weight", _take(layer.weight, keep))
+    if layer.bias is not None:
+        _set_param(layer, "bias", _take(layer.bias, keep))
+    if isinstance(layer, nn.Conv2d):
+        layer.out_channels = len(keep)
+    else:
+        layer.out_features = len(keep)
+
+
+def _slice_norm(norm: nn.Module, keep: Tensor) -> None:
+    """Keep entries ``keep`` of a BatchNorm: affine parameters and running statistics."""
+    if norm.weight is not None:
+        _set_param(norm, "weight", _take(norm.weight, keep))
+        _set_param(norm, "bias", _take(norm.bias, keep))
+    if norm.running_mean is not None:
+        norm.running_mean = _take(norm.running_mean, keep)
+        norm.running_var = _take(norm.running_var, keep)
+    norm.num_features = len(keep)
+
+
+def _slice_columns(layer: nn.Module, keep: Tensor, block: int) -> None:
+    """Keep input channels ``keep`` of a consumer: conv input channels, or Linear column blocks."""
+    if isinstance(layer, nn.Conv2d):
+        _set_param(layer, "weight", _take(layer.weight, keep, 1))
+        layer.in_channels = len(keep)
+        return
+    cols = (keep[:, None] * block + torch.arange(block)).reshape(-1)
+    _set_param(layer, "weight", _take(layer.weight, cols, 1))
+    layer.in_features = len(cols)
+
+
+def _keep_index(keep: Tensor | Sequence[int], size: int, group_id: str) -> Tensor:
+    """Validated, sorted channel indices to keep."""
+    given = torch.as_tensor(keep, dtype=torch.long).reshape(-1).cpu()
+    idx = torch.unique(given)  # sorted
+    if idx.numel() != given.numel():
+        raise NapkitError(f"keep indices of group {group_id!r} repeat a channel")
+    if idx.numel() == 0:
+        raise NapkitError(f"group {group_id!r} must keep at least one channel")
+    if int(idx[0]) < 0 or int(idx[-1]) >= size:
+        raise NapkitError(
+            f"keep indices of group {group_id!r} must lie in [0, {size}), got {int(idx[0])}..{int(idx[-1])}"
+        )
+    return idx
+
+
+def prune_channels(model: nn.Module, group: ChannelGroup, keep: Tensor | Sequence[int]) -> None:
+    """Keep only channels ``keep`` of ``group`` in ``model`` (in place), removing the rest everywhere."""
+    size = rows(model.get_submodule(group.producers[0]))
+    idx = _keep_index(keep, size, group.id)
+    for name in group.producers:
+        _slice_rows(model.get_submodule(name), idx)
+    for name in group.norms:
+        _slice_norm(model.get_submodule(name), idx)
+    for c in group.consumers:
+        _slice_columns(model.get_submodule(c.name), idx, c.block)
+
+
+def apply(model: nn.Module, plan: Plan, *, groups: list[ChannelGroup] | None = None) -> nn.Module:
+    """A pruned copy of ``model``: for each group id in ``plan``, keep only those channel indices.
+
+    ``groups`` (from :func:`channel_groups` on ``model``) saves tracing again.
+    """
+    groups = channel_groups(model) if groups is None else groups
+    chosen = [(find_group(groups, gid), keep) for gid, keep in plan.items()]
+    pruned = copy.deepcopy(model)
+    for group, keep in chosen:
+        prune_channels(pruned, group, keep)
+    return pruned
+
+
+def channel_counts(model: nn.Module) -> dict[str, int]:
+    """Architecture description of a (pruned) model: out channels of every producer of a prunable group."""
+    return {p: g.size for g in channel_groups(model) for p in g.producers}
+
+
+def slim_to(model: nn.Module, counts: Mapping[str, int]) -> nn.Module:
+    """Shrink a freshly created dense ``model`` in place to ``counts`` (first k channels of each group).
+
+    ``counts`` comes from :func:`channel_counts` of a pruned model of the same architecture; loading
+    that model's state dict into the result restores it exactly.
+    """
+    groups = channel_groups(model)
+    expected = {p for g in groups for p in g.producers}
+    if set(counts) != expected:
+        missing, extra = sorted(expected - set(counts)), sorted(set(counts) - expected)
+        raise NapkitError(
+            f"channel counts do not describe this {type(model).__name__}: missing {missing}, unknown {extra}"
+        )
+    for g in groups:
+        sizes = {counts[p] for p in g.producers}
+        if len(sizes) != 1:
+            raise NapkitError(
+                f"coupled layers {list(g.producers)} need one channel count, got {sorted(sizes)}"
+            )
+        k = sizes.pop()
+        if not 1 <= k <= g.size:
+            raise NapkitError(f"group {g.id!r} has {g.size} channels; cannot slim it to {k}")
+        if k < g.size:
+            prune_channels(model, g, torch.arange(k))
+    return model
+
+
+def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    batch_norm = nn.modules.batchnorm._BatchNorm
+    return [m for m in model.modules() if isinstance(m, batch_norm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: Iterable[Sequence[Tensor]], num_batches: int) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics from ``num_batches`` batches (in place).
+
+    Statistics are reset and averaged exactly (momentum None); only the BatchNorms run in train
+    mode, so dropout stays off. Modes and momenta are restored afterwards.
+    """
+    if num_batches < 1:
+        raise NapkitError(f"num_batches must be >= 1, got {num_batches}")
+    norms = _norms(model)
+    if not norms:
+        return model
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [(m, m.momentum) for m in norms]
+    device = next(model.parameters()).device
+    seen = 0
+    try:
+        model.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        for batch in loader:
+            if seen == num_batches:
+                break
+            model(batch[0].to(device))
+            seen += 1
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for m, momentum in momenta:
+            m.momentum = momentum
+    if seen == 0:
+        raise NapkitError("the loader yielded no batches; cannot recalibrate BatchNorm statistics")
+    return model
