@@ -13,9 +13,11 @@ from napkit.config import write_params
 from napkit.models import create_model
 from napkit.pruning.fine_grained import target_sparsity
 from napkit.pruning.importance import create_importance
+from napkit.structured import create_channel_importance
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir())
+OVERRIDE_KEY = {"structured": "structured@prune.structured"}  # groups placed under another package
 
 
 def _options(group: str) -> list[str]:
@@ -37,7 +39,7 @@ def test_groups_are_the_documented_ones() -> None:
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_option_composes(compose_cfg, group: str, option: str) -> None:
-    cfg = compose_cfg(f"{group}={option}")
+    cfg = compose_cfg(f"{OVERRIDE_KEY.get(group, group)}={option}")
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     if group == "model":
         kwargs = OmegaConf.to_container(cfg.model, resolve=True)
@@ -45,9 +47,11 @@ def test_every_option_composes(compose_cfg, group: str, option: str) -> None:
         kwargs.pop("pretrained", None)
         size = 224 if not name.endswith("_small") else 32
         assert create_model(name, num_classes=10, in_channels=3, input_size=size, **kwargs) is not None
-    if group == "prune":
+    if group == "prune" and cfg.prune.mode == "fine_grained":
         create_importance(cfg.prune.method, **({"damping": cfg.prune.damping} if "damping" in cfg.prune else {}))
         target_sparsity(cfg.prune.target_sparsity, cfg.prune.target_compression)
+    if group == "prune" and cfg.prune.mode == "structured":
+        create_channel_importance(cfg.prune.method)
 
 
 def test_unknown_option_names_the_valid_ones(compose_cfg) -> None:

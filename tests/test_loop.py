@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from napkit.pruning.allocation import prune_lowest
-from napkit.pruning.loop import iterative_prune
+from napkit.pruning.fine_grained import FineGrainedPruner
+from napkit.pruning.loop import IterativePruner
 from napkit.pruning.masks import MaskSet
 
 
@@ -23,13 +24,13 @@ def _run(accs: list[float], *, target: float | None, tolerance: float = 1.0, max
     states: dict[int, dict[str, torch.Tensor]] = {}
     current = {"it": 0}
 
-    def step(m: nn.Module, mk: MaskSet, it: int) -> MaskSet:
+    def step(m: nn.Module, mk: MaskSet, it: int) -> tuple[nn.Module, MaskSet]:
         current["it"] = it
         kept, _ = mk.counts()
         new = prune_lowest({n: l.weight.abs() for n, l in m.named_modules() if n in mk.masks}, mk, kept // 2,
                            max_layer_sparsity=1.0)
         new.apply_(m)
-        return new
+        return m, new
 
     def finetune(m: nn.Module, mk: MaskSet, it: int) -> None:
         if fail_at is not None and it == fail_at:
@@ -43,10 +44,10 @@ def _run(accs: list[float], *, target: float | None, tolerance: float = 1.0, max
     def validate(m: nn.Module) -> dict[str, float]:
         return {"top1": accs[min(current["it"], len(accs) - 1)], "loss": 0.0}
 
-    reached = (lambda mk: mk.sparsity() >= target) if target is not None else (lambda mk: False)
-    final_masks, result = iterative_prune(model, masks, step=step, finetune=finetune, validate=validate,
-                                          target_reached=reached, tolerance=tolerance,
-                                          max_iterations=max_iterations, checkpoint=checkpoint, fingerprint="x")
+    reached = (lambda m, mk: mk.sparsity() >= target) if target is not None else (lambda m, mk: False)
+    loop = IterativePruner(step=step, finetune=finetune, validate=validate, measure=FineGrainedPruner.measure,
+                           reached=reached, tolerance=tolerance, max_iterations=max_iterations)
+    model, final_masks, result = loop.run(model, masks, checkpoint=checkpoint, fingerprint="x")
     return model, final_masks, result, states
 
 
@@ -58,7 +59,7 @@ def test_stops_at_tolerance_and_rolls_back() -> None:
     assert result.records[3].within_tolerance is False
     for k, v in model.state_dict().items():
         assert torch.equal(v, states[2][k])
-    assert masks.sparsity() == pytest.approx(result.records[2].sparsity)
+    assert masks.sparsity() == pytest.approx(result.records[2].measures["sparsity"])
 
 
 def test_stops_at_target_without_rollback() -> None:

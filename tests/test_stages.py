@@ -36,7 +36,7 @@ def _run_all(cfg) -> dict[str, dict[str, float]]:
 @pytest.mark.parametrize("model,method", [("vgg16_small", "nap"), ("alexnet_small", "magnitude"),
                                           ("resnet50_small", "nap")])
 def test_pipeline_runs_for_each_family(fast_cfg, model: str, method: str) -> None:
-    cfg = fast_cfg(f"model={model}", f"prune={method}")
+    cfg = fast_cfg(f"model={model}", f"prune={method}", "prune.tolerance=100")
     out = _run_all(cfg)
     ev = out["evaluate"]
     assert 0.0 < ev["sparsity"] <= 0.9 + 1e-6
@@ -58,6 +58,20 @@ def test_pipeline_runs_for_each_family(fast_cfg, model: str, method: str) -> Non
     for key in ("pretrain/val_top1", "curvature/seconds", "prune/sparsity", "finetune/val_top1", "evaluate/top1"):
         assert key in metrics, key
     assert any(k.startswith("prune/density/") for k in metrics)
+
+
+@pytest.mark.parametrize("model,method", [("vgg16_small", "nap_structured"), ("alexnet_small", "l1_uniform"),
+                                          ("resnet50_small", "nap_structured")])
+def test_structured_pipeline_for_each_family(fast_cfg, model: str, method: str) -> None:
+    cfg = fast_cfg(f"model={model}", f"prune={method}", "prune.structured.tolerance=100",
+                   "prune.structured.step_fraction=0.4")
+    ev = _run_all(cfg)["evaluate"]
+    # physically smaller: fewer parameters and FLOPs than the dense model, every weight stored
+    assert ev["params"] < ev["params_dense"] and ev["flops"] < ev["flops_dense"]
+    assert ev["params_nonzero"] == ev["params"] and ev["sparsity"] == 0.0
+    rebuilt, spec, masks = load_model(stage_dir(cfg, "finetune"))
+    assert masks is None and spec.channels is not None
+    assert sum(p.numel() for p in rebuilt.parameters()) == ev["params"]
 
 
 def test_pretrain_resumes_from_its_last_checkpoint(fast_cfg) -> None:

@@ -1,13 +1,13 @@
 """Model artifacts: an architecture description (JSON) plus weights (safetensors), no pickled code.
 
 ``model.json`` holds the registry name and builder kwargs together with the data shape the model
-was built for; ``model.safetensors`` holds the state dict; ``masks.safetensors`` (optional) holds
+was built for (and, after structured pruning, every producer layer's channel count); ``model.safetensors`` holds the state dict; ``masks.safetensors`` (optional) holds
 fine-grained keep-masks. Any stage rebuilds the model from these three files alone.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from napkit.errors import NapkitError
 from napkit.io import load_tensors, read_json, save_tensors, write_json
 from napkit.models import create_model
 from napkit.pruning.masks import MaskSet
+from napkit.structured.surgery import channel_counts, slim_to
 
 MODEL_JSON, MODEL_WEIGHTS, MASKS = "model.json", "model.safetensors", "masks.safetensors"
 
@@ -30,10 +31,17 @@ class ModelSpec:
     in_channels: int
     input_size: int
     kwargs: dict[str, Any] = field(default_factory=dict)
+    channels: dict[str, int] | None = None  # per-producer channel counts of a structurally pruned model
 
     def build(self) -> nn.Module:
-        return create_model(self.name, num_classes=self.num_classes, in_channels=self.in_channels,
-                            input_size=self.input_size, **self.kwargs)
+        """The dense architecture, slimmed to ``channels`` when the model was pruned structurally."""
+        model = create_model(self.name, num_classes=self.num_classes, in_channels=self.in_channels,
+                             input_size=self.input_size, **self.kwargs)
+        return model if self.channels is None else slim_to(model, self.channels)
+
+    def with_channels_of(self, model: nn.Module) -> ModelSpec:
+        """This spec describing ``model``'s (possibly pruned) channel counts."""
+        return replace(self, channels=channel_counts(model))
 
 
 def save_model(out_dir: Path, model: nn.Module, spec: ModelSpec, masks: MaskSet | None = None) -> None:

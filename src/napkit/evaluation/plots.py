@@ -34,15 +34,15 @@ def plot_layer_ratios(density: dict[str, float], path: Path, title: str = "kept 
 
 
 def plot_prune_path(compression: Sequence[float], top1: Sequence[float], acc0: float, tolerance: float,
-                    path: Path, kept: int | None = None) -> Path:
-    """Validation top-1 against compression over the loop's iterations, with the tolerance band."""
+                    path: Path, kept: int | None = None, xlabel: str = "compression") -> Path:
+    """Validation top-1 against compression (or FLOPs reduction) over the loop's iterations."""
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(compression, top1, "o-", label="validation top-1")
     ax.axhline(acc0 - tolerance, color="tab:red", ls="--", label=f"dense - {tolerance:g} pt")
     if kept is not None:
         ax.plot([compression[kept]], [top1[kept]], "*", ms=14, color="tab:green", label="kept (rollback point)")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("compression (x, prunable weights)")
+    ax.set_xlabel(f"{xlabel} (x)")
     ax.set_ylabel("top-1 (%)")
     ax.legend()
     ax.grid(alpha=0.3)

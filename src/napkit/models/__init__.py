@@ -60,5 +60,6 @@ def _check_options(name: str, builder: Callable[..., nn.Module], kwargs: dict[st
 
 # Importing the builder modules registers them; they import register_model from above.
 from napkit.models import imagenet, small  # noqa: E402
+from napkit.models import lenet  # noqa: E402
 
 __all__ = ["create_model", "imagenet", "list_models", "register_model", "small"]

@@ -54,10 +54,18 @@ class FineGrainedPruner:
             amount = min(amount, kept - math.ceil((1.0 - self.target) * total))
         return max(amount, 0)
 
-    def reached(self, masks: MaskSet) -> bool:
-        return self.target is not None and masks.sparsity() >= self.target - 1e-9
+    def reached(self, model: nn.Module, masks: MaskSet | None) -> bool:
+        return self.target is not None and masks is not None and masks.sparsity() >= self.target - 1e-9
 
-    def __call__(self, model: nn.Module, masks: MaskSet, iteration: int) -> MaskSet:
+    @staticmethod
+    def measure(model: nn.Module, masks: MaskSet | None) -> dict[str, float]:
+        """Sparsity and compression (total / kept) of the prunable weights."""
+        assert masks is not None
+        kept, total = masks.counts()
+        return {"sparsity": 1.0 - kept / total, "compression": total / max(kept, 1)}
+
+    def __call__(self, model: nn.Module, masks: MaskSet | None, iteration: int) -> tuple[nn.Module, MaskSet]:
+        assert masks is not None
         layers = prunable_layers(model)
         needs = self.criterion.needs_curvature or self.compensate
         factors = self.factors(model, iteration) if needs and self.factors else {}
@@ -70,4 +78,4 @@ class FineGrainedPruner:
                 if newly.any():
                     obs_compensate_(layers[name], factors[name].to(torch.float64).damped(self.damping), newly)
         new.apply_(model)
-        return new
+        return model, new

@@ -4,17 +4,21 @@ Repeat: prune a fraction of the remaining units, fine-tune briefly, validate. St
 target is met, or when validation top-1 falls more than ``tolerance`` points below the dense
 model's; then roll back to the last iteration within tolerance. Every iteration is recorded,
 and the loop checkpoints after each one so a killed run resumes where it stopped.
+
+The loop is agnostic of what a unit is: fine-grained steps return the same model with new
+masks, structured steps return a new, physically smaller model (``masks`` is then None and
+``describe``/``rebuild`` turn its architecture into a checkpointable description and back).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from napkit.errors import NapkitError
@@ -24,19 +28,24 @@ from napkit.pruning.masks import MaskSet
 
 log = logging.getLogger(__name__)
 
+Step = Callable[[nn.Module, MaskSet | None, int], tuple[nn.Module, MaskSet | None]]
+Finetune = Callable[[nn.Module, MaskSet | None, int], None]
+Validate = Callable[[nn.Module], dict[str, float]]
+Measure = Callable[[nn.Module, MaskSet | None], dict[str, float]]
+Reached = Callable[[nn.Module, MaskSet | None], bool]
+
 
 @dataclass
 class IterationRecord:
-    """What one iteration did: where it got to and whether it stayed within tolerance."""
+    """What one iteration did: where it got to (``measures``) and whether it stayed within tolerance."""
 
     iteration: int
-    sparsity: float
-    compression: float
     val_top1: float
     val_loss: float
     drop: float
     within_tolerance: bool
     seconds: float
+    measures: dict[str, float] = field(default_factory=dict)
     layer_density: dict[str, float] = field(default_factory=dict)
 
 
@@ -51,109 +60,126 @@ class LoopResult:
         return self.records[self.best_iteration]
 
 
-PruneStep = Callable[[nn.Module, MaskSet, int], MaskSet]
-Finetune = Callable[[nn.Module, MaskSet, int], None]
-Validate = Callable[[nn.Module], dict[str, float]]
+@dataclass
+class _State:
+    model: nn.Module
+    masks: MaskSet | None
+
+    def copy(self) -> _State:
+        return _State(copy.deepcopy(self.model), None if self.masks is None else self.masks.clone())
 
 
-def _record(iteration: int, masks: MaskSet, val: dict[str, float], acc0: float, tolerance: float,
-            seconds: float) -> IterationRecord:
-    kept, total = masks.counts()
-    drop = acc0 - val["top1"]
-    return IterationRecord(iteration=iteration, sparsity=1.0 - kept / total, compression=total / max(kept, 1),
-                           val_top1=val["top1"], val_loss=val["loss"], drop=drop,
-                           within_tolerance=drop <= tolerance, seconds=seconds,
-                           layer_density=masks.layer_density())
+@dataclass
+class _Best:
+    """The last state within tolerance: what the loop rolls back to."""
+
+    state: _State
+    iteration: int
 
 
-def iterative_prune(
-    model: nn.Module,
-    masks: MaskSet,
-    *,
-    step: PruneStep,
-    finetune: Finetune,
-    validate: Validate,
-    target_reached: Callable[[MaskSet], bool],
-    tolerance: float,
-    max_iterations: int,
-    checkpoint: Path | None = None,
-    fingerprint: str = "",
-    on_record: Callable[[IterationRecord], None] | None = None,
-) -> tuple[MaskSet, LoopResult]:
-    """Run the loop on ``model`` in place; on return the model holds the best-within-tolerance state."""
-    if tolerance < 0:
-        raise NapkitError(f"prune.tolerance must be >= 0 (points of top-1), got {tolerance}")
-    records: list[IterationRecord] = []
-    best_state, best_masks, best_it = None, masks.clone(), 0
-    if checkpoint is not None and checkpoint.is_file():
-        state = load_torch(checkpoint)
-        if state.get("fingerprint") == fingerprint:
-            model.load_state_dict(state["model"])
-            masks = MaskSet.from_tensors(state["masks"])
-            best_state, best_masks = state["best_model"], MaskSet.from_tensors(state["best_masks"])
-            best_it = int(state["best_iteration"])
-            records = [IterationRecord(**r) for r in state["records"]]
-            log.info("prune loop: resumed after iteration %d", records[-1].iteration)
+@dataclass
+class IterativePruner:
+    """The loop's parts: what a step, a fine-tune, a validation and a measurement are."""
+
+    step: Step
+    finetune: Finetune
+    validate: Validate
+    measure: Measure
+    reached: Reached
+    tolerance: float
+    max_iterations: int
+    density: Callable[[nn.Module, MaskSet | None], dict[str, float]] = lambda m, k: {} if k is None else k.layer_density()
+    describe: Callable[[nn.Module], dict[str, int]] | None = None
+    rebuild: Callable[[dict[str, int]], nn.Module] | None = None
+    on_record: Callable[[IterationRecord], None] | None = None
+
+    def run(self, model: nn.Module, masks: MaskSet | None, *, checkpoint: Path | None = None,
+            fingerprint: str = "") -> tuple[nn.Module, MaskSet | None, LoopResult]:
+        """Run from ``model`` (pruned in place or replaced); returns the best-within-tolerance state."""
+        if self.tolerance < 0:
+            raise NapkitError(f"prune.tolerance must be >= 0 (points of top-1), got {self.tolerance}")
+        resumed = self._resume(checkpoint, fingerprint, model)
+        if resumed is None:
+            state = _State(model, masks)
+            if state.masks is not None:
+                state.masks.apply_(state.model)
+            records = [self._record(0, state, self.validate(state.model), None, 0.0)]
+            best = _Best(state.copy(), 0)
+            if self.on_record:
+                self.on_record(records[0])
         else:
-            log.warning("prune loop: ignoring checkpoint %s from another configuration", checkpoint)
-    if not records:
-        t0 = time.perf_counter()
-        masks.apply_(model)
-        rec = _record(0, masks, validate(model), 0.0, tolerance, time.perf_counter() - t0)
-        rec.drop, rec.within_tolerance = 0.0, True
-        records.append(rec)
-        best_state = _copy_state(model)
-        if on_record:
-            on_record(rec)
-    best = {"state": best_state, "masks": best_masks, "it": best_it}
-    if records[-1].within_tolerance and target_reached(masks):
-        stop_reason = "target"
-    elif not records[-1].within_tolerance:
-        stop_reason = "tolerance"
-    else:
-        stop_reason = _continue(records, masks, model, step, finetune, validate, records[0].val_top1, tolerance,
-                                max_iterations, target_reached, checkpoint, fingerprint, on_record, best)
-    best_state, best_masks, best_it = best["state"], best["masks"], best["it"]
-    model.load_state_dict(best_state)
-    best_masks.apply_(model)
-    log.info("prune loop stopped (%s); kept iteration %d: sparsity %.4f, val top-1 %.2f",
-             stop_reason, best_it, records[best_it].sparsity, records[best_it].val_top1)
-    return best_masks, LoopResult(records=records, best_iteration=best_it, stop_reason=stop_reason)
+            state, best, records = resumed
+        reason = self._iterate(state, records, best, checkpoint, fingerprint)
+        log.info("prune loop stopped (%s); kept iteration %d: %s, val top-1 %.2f", reason, best.iteration,
+                 records[best.iteration].measures, records[best.iteration].val_top1)
+        return best.state.model, best.state.masks, LoopResult(records, best.iteration, reason)
 
-
-def _continue(records: list[IterationRecord], masks: MaskSet, model: nn.Module, step: PruneStep,
-              finetune: Finetune, validate: Validate, acc0: float, tolerance: float, max_iterations: int,
-              target_reached: Callable[[MaskSet], bool], checkpoint: Path | None, fingerprint: str,
-              on_record: Callable[[IterationRecord], None] | None, best: dict) -> str:
-    """Iterate from the last record until a stopping rule fires; keeps ``best`` up to date."""
-    while records[-1].iteration < max_iterations:
-        it = records[-1].iteration + 1
-        t0 = time.perf_counter()
-        try:
-            masks = step(model, masks, it)
-        except CannotPruneFurther as exc:
-            log.warning("prune loop: %s", exc)
-            return "cannot_prune_further"
-        finetune(model, masks, it)
-        masks.apply_(model)
-        rec = _record(it, masks, validate(model), acc0, tolerance, time.perf_counter() - t0)
-        records.append(rec)
-        if on_record:
-            on_record(rec)
-        if rec.within_tolerance:
-            best.update(state=_copy_state(model), masks=masks.clone(), it=it)
-        if checkpoint is not None:
-            save_torch(checkpoint, {
-                "fingerprint": fingerprint, "model": model.state_dict(), "masks": masks.to_tensors(),
-                "best_model": best["state"], "best_masks": best["masks"].to_tensors(),
-                "best_iteration": best["it"], "records": [asdict(r) for r in records],
-            })
-        if not rec.within_tolerance:
+    def _iterate(self, state: _State, records: list[IterationRecord], best: _Best, checkpoint: Path | None,
+                 fingerprint: str) -> str:
+        acc0 = records[0].val_top1
+        if not records[-1].within_tolerance:
             return "tolerance"
-        if target_reached(masks):
+        if self.reached(state.model, state.masks):
             return "target"
-    return "max_iterations"
+        while records[-1].iteration < self.max_iterations:
+            it = records[-1].iteration + 1
+            t0 = time.perf_counter()
+            try:
+                state.model, state.masks = self.step(state.model, state.masks, it)
+            except CannotPruneFurther as exc:
+                log.warning("prune loop: %s", exc)
+                return "cannot_prune_further"
+            self.finetune(state.model, state.masks, it)
+            if state.masks is not None:
+                state.masks.apply_(state.model)
+            rec = self._record(it, state, self.validate(state.model), acc0, time.perf_counter() - t0)
+            records.append(rec)
+            if self.on_record:
+                self.on_record(rec)
+            if rec.within_tolerance:
+                best.state, best.iteration = state.copy(), it
+            if checkpoint is not None:
+                self._save(checkpoint, fingerprint, state, best, records)
+            if not rec.within_tolerance:
+                return "tolerance"
+            if self.reached(state.model, state.masks):
+                return "target"
+        return "max_iterations"
 
+    def _record(self, it: int, state: _State, val: dict[str, float], acc0: float | None,
+                seconds: float) -> IterationRecord:
+        drop = 0.0 if acc0 is None else acc0 - val["top1"]
+        return IterationRecord(iteration=it, val_top1=val["top1"], val_loss=val["loss"], drop=drop,
+                               within_tolerance=drop <= self.tolerance, seconds=seconds,
+                               measures=self.measure(state.model, state.masks),
+                               layer_density=self.density(state.model, state.masks))
 
-def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    def _pack(self, state: _State) -> dict:
+        return {"model": state.model.state_dict(), "masks": None if state.masks is None else state.masks.to_tensors(),
+                "arch": self.describe(state.model) if self.describe else None}
+
+    def _unpack(self, packed: dict, like: nn.Module) -> _State:
+        """Rebuild a packed state: a new architecture from its description, or a copy of ``like``."""
+        model = self.rebuild(packed["arch"]) if packed["arch"] is not None and self.rebuild else copy.deepcopy(like)
+        model.load_state_dict(packed["model"])
+        masks = None if packed["masks"] is None else MaskSet.from_tensors(packed["masks"])
+        return _State(model, masks)
+
+    def _save(self, path: Path, fingerprint: str, state: _State, best: _Best,
+              records: list[IterationRecord]) -> None:
+        save_torch(path, {"fingerprint": fingerprint, "state": self._pack(state), "best": self._pack(best.state),
+                          "best_iteration": best.iteration, "records": [asdict(r) for r in records]})
+
+    def _resume(self, path: Path | None, fingerprint: str,
+                like: nn.Module) -> tuple[_State, _Best, list[IterationRecord]] | None:
+        """The state saved after the last finished iteration, if it belongs to this configuration."""
+        if path is None or not path.is_file():
+            return None
+        saved = load_torch(path)
+        if saved.get("fingerprint") != fingerprint:
+            log.warning("prune loop: ignoring checkpoint %s from another configuration", path)
+            return None
+        records = [IterationRecord(**r) for r in saved["records"]]
+        log.info("prune loop: resumed after iteration %d", records[-1].iteration)
+        best = _Best(self._unpack(saved["best"], like), int(saved["best_iteration"]))
+        return self._unpack(saved["state"], like), best, records

@@ -1,49 +1,52 @@
 """Stage 3, prune: the iterative loop with the configured criterion, from the pretrained model.
 
+``prune.mode=fine_grained`` prunes single weights (masks); ``prune.mode=structured`` removes
+channels physically (the ``prune.structured`` block sets its schedule and FLOPs/params target).
 Iteration 1 scores with the curvature stage's factors (estimated on the dense model); later
 iterations re-estimate them on the pruned model when ``prune.recompute_curvature`` is set.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from napkit.artifacts import load_model, save_model
+from napkit.artifacts import ModelSpec, load_model, save_model
 from napkit.curvature import KFACFactors, load_factors
 from napkit.data import DataSplits, make_loader
+from napkit.errors import unknown_choice
+from napkit.evaluation.cost import input_shape
 from napkit.evaluation.plots import plot_layer_ratios, plot_prune_path
 from napkit.pruning.fine_grained import FineGrainedPruner, target_sparsity
 from napkit.pruning.importance import create_importance
-from napkit.pruning.loop import IterationRecord, LoopResult, iterative_prune
+from napkit.pruning.loop import IterationRecord, IterativePruner, LoopResult
 from napkit.pruning.masks import MaskSet
 from napkit.stages.common import (checkpoint_path, load_splits, seed_everything, stage_dir, write_csv,
                                   write_metrics)
 from napkit.stages.curvature import estimate
+from napkit.structured import channel_groups
+from napkit.structured.pruner import StructuredPruner
+from napkit.structured.surgery import channel_counts, recalibrate_bn, slim_to
 from napkit.tracking import StageTracker, stage_run
 from napkit.tracking.mlflow_run import pipeline_id
 from napkit.training.engine import evaluate, resolve_device
 from napkit.training.trainer import fit
 
-
-def _criterion_kwargs(cfg: DictConfig) -> dict:
-    p = cfg.prune
-    if str(p.method).startswith("nap"):
-        return {"damping": float(p.damping)}
-    if p.method == "random":
-        return {"seed": int(cfg.seed)}
-    return {}
+MODES = ("fine_grained", "structured")
+FactorsProvider = Callable[[nn.Module, int], dict[str, KFACFactors]]
 
 
-def _factors_provider(cfg: DictConfig, splits: DataSplits, device):
+def _factors_provider(cfg: DictConfig, splits: DataSplits, device: torch.device) -> FactorsProvider:
     """Factors for iteration k: the stage artifact first, re-estimated on the pruned model later."""
     cache: dict[str, dict[str, KFACFactors]] = {}
 
     def provide(model: nn.Module, iteration: int) -> dict[str, KFACFactors]:
-        if iteration == 1 or not cfg.prune.recompute_curvature:
+        if iteration == 1 or not cfg.prune.get("recompute_curvature", True):
             if "stage" not in cache:
                 cache["stage"], _ = load_factors(stage_dir(cfg, "curvature") / "factors.safetensors", model)
             return cache["stage"]
@@ -53,48 +56,96 @@ def _factors_provider(cfg: DictConfig, splits: DataSplits, device):
     return provide
 
 
+def _fine_grained(cfg: DictConfig, provider: FactorsProvider) -> dict:
+    """Loop parts for weight pruning with masks."""
+    p = cfg.prune
+    kwargs = {"damping": float(p.damping)} if str(p.method).startswith("nap") else {}
+    if p.method == "random":
+        kwargs = {"seed": int(cfg.seed)}
+    pruner = FineGrainedPruner(create_importance(str(p.method), **kwargs), step_fraction=float(p.step_fraction),
+                               target=target_sparsity(p.get("target_sparsity"), p.get("target_compression")),
+                               allocation=str(p.allocation), max_layer_sparsity=float(p.max_layer_sparsity),
+                               compensate=bool(p.compensate), damping=float(p.get("damping", 0.1)),
+                               factors=provider)
+    return {"step": pruner, "measure": pruner.measure, "reached": lambda m, k: pruner.reached(m, k)}
+
+
+def _structured(cfg: DictConfig, dense: nn.Module, spec: ModelSpec, splits: DataSplits,
+                provider: FactorsProvider, device: torch.device) -> dict:
+    """Loop parts for channel pruning: physical removal, then BatchNorm recalibration."""
+    p, s = cfg.prune, cfg.prune.structured
+    method = "nap_per_flop" if p.method == "nap" and s.per_flop else str(p.method)
+    kwargs = {"seed": int(cfg.seed)} if method == "random" else {}
+    pruner = StructuredPruner(method, dense, input_shape=input_shape(spec.in_channels, spec.input_size),
+                              step_fraction=float(s.step_fraction),
+                              target_flops_reduction=s.get("target_flops_reduction"),
+                              target_params_reduction=s.get("target_params_reduction"),
+                              allocation=str(p.allocation), max_group_sparsity=float(s.max_group_sparsity),
+                              factors_provider=provider, damping=float(p.get("damping", 0.1)), **kwargs)
+    dense_sizes = {g.id: g.size for g in channel_groups(dense)}
+
+    def step(model: nn.Module, masks: MaskSet | None, it: int) -> tuple[nn.Module, None]:
+        smaller = pruner(model.cpu(), it).to(device)
+        loader = make_loader(splits.train_plain, batch_size=int(cfg.data.batch_size), shuffle=True,
+                             seed=int(cfg.seed) + it)
+        recalibrate_bn(smaller, ((x.to(device), y) for x, y in loader), int(s.bn_recalibration_batches))
+        return smaller, None
+
+    def density(model: nn.Module, masks: MaskSet | None) -> dict[str, float]:
+        return {g.id: g.size / dense_sizes[g.id] for g in channel_groups(model.cpu())}
+
+    return {"step": step, "measure": lambda m, k: _float(pruner.measure(m.cpu())),
+            "reached": lambda m, k: pruner.reached(m.cpu()), "density": density,
+            "describe": channel_counts, "rebuild": lambda counts: slim_to(spec.build(), counts).to(device)}
+
+
+def _float(d: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items()}
+
+
 def _log_record(tracker: StageTracker, rec: IterationRecord) -> None:
-    tracker.log_metrics({"sparsity": rec.sparsity, "compression": rec.compression, "val_top1": rec.val_top1,
-                         "val_loss": rec.val_loss}, step=rec.iteration)
-    tracker.log_metrics({n: d for n, d in rec.layer_density.items()}, step=rec.iteration, prefix="prune/density/")
+    tracker.log_metrics({"val_top1": rec.val_top1, "val_loss": rec.val_loss, **rec.measures}, step=rec.iteration)
+    tracker.log_metrics(dict(rec.layer_density), step=rec.iteration, prefix="prune/density/")
 
 
-def write_outputs(out: Path, result: LoopResult, masks: MaskSet, tolerance: float) -> dict[str, float]:
+def write_outputs(out: Path, result: LoopResult, density: dict[str, float], tolerance: float) -> dict[str, float]:
     """Iteration table, per-layer table, the two plots, and the stage metrics."""
-    rows = [{k: v for k, v in asdict(r).items() if k != "layer_density"} for r in result.records]
+    rows = [{**{k: v for k, v in asdict(r).items() if k not in ("measures", "layer_density")}, **r.measures}
+            for r in result.records]
     write_csv(out / "iterations.csv", rows)
-    density = masks.layer_density()
-    sizes = {n: m.numel() for n, m in masks.masks.items()}
-    write_csv(out / "layers.csv", [{"layer": n, "weights": sizes[n], "kept": round(density[n] * sizes[n]),
-                                     "density": density[n], "sparsity": 1 - density[n]} for n in density])
+    write_csv(out / "layers.csv", [{"layer": n, "density": d, "sparsity": 1 - d} for n, d in density.items()])
     plot_layer_ratios(density, out / "layer_ratios.png")
-    plot_prune_path([r.compression for r in result.records], [r.val_top1 for r in result.records],
-                    result.records[0].val_top1, tolerance, out / "prune_path.png", kept=result.best_iteration)
+    x_key = "compression" if "compression" in result.records[0].measures else "flops_reduction"
+    plot_prune_path([r.measures[x_key] for r in result.records], [r.val_top1 for r in result.records],
+                    result.records[0].val_top1, tolerance, out / "prune_path.png", kept=result.best_iteration,
+                    xlabel=x_key.replace("_", " "))
     best = result.best
-    return {"sparsity": best.sparsity, "compression": best.compression, "val_top1": best.val_top1,
-            "val_top1_dense": result.records[0].val_top1, "iterations": len(result.records) - 1,
-            "kept_iteration": result.best_iteration, "stopped_at_target": float(result.stop_reason == "target")}
+    return {**best.measures, "val_top1": best.val_top1, "val_top1_dense": result.records[0].val_top1,
+            "iterations": len(result.records) - 1, "kept_iteration": result.best_iteration,
+            "stopped_at_target": float(result.stop_reason == "target")}
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Prune the pretrained model iteratively and write ``artifacts/prune``."""
     seed_everything(int(cfg.seed))
     p = cfg.prune
-    target = target_sparsity(p.get("target_sparsity"), p.get("target_compression"))
-    criterion = create_importance(str(p.method), **_criterion_kwargs(cfg))
+    mode = str(p.get("mode", "fine_grained"))
+    if mode not in MODES:
+        raise unknown_choice("prune.mode", mode, MODES)
     model, spec, masks = load_model(stage_dir(cfg, "pretrain"))
-    masks = masks or MaskSet.dense(model)
     splits = load_splits(cfg)
     device = resolve_device(cfg.device)
-    model.to(device)
-    pruner = FineGrainedPruner(criterion, step_fraction=float(p.step_fraction), target=target,
-                               allocation=str(p.allocation), max_layer_sparsity=float(p.max_layer_sparsity),
-                               compensate=bool(p.compensate), damping=float(p.get("damping", 0.1)),
-                               factors=_factors_provider(cfg, splits, device))
+    provider = _factors_provider(cfg, splits, device)
+    if mode == "structured":
+        parts, masks = _structured(cfg, model, spec, splits, provider, device), None
+        tolerance = float(p.structured.tolerance)
+    else:
+        parts, masks = _fine_grained(cfg, provider), masks or MaskSet.dense(model)
+        tolerance = float(p.tolerance)
     val_loader = make_loader(splits.val, batch_size=int(cfg.data.eval_batch_size), shuffle=False, seed=0)
     batch = int(cfg.data.batch_size)
 
-    def finetune(m: nn.Module, mk: MaskSet, it: int) -> None:
+    def finetune(m: nn.Module, mk: MaskSet | None, it: int) -> None:
         seed_everything(int(cfg.seed) + it)
         fit(m, splits.train, splits.val, cfg=cfg.finetune, epochs=int(p.finetune_epochs), masks=mk,
             batch_size=batch, eval_batch_size=int(cfg.data.eval_batch_size), seed=int(cfg.seed) + it,
@@ -102,18 +153,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     out = stage_dir(cfg, "prune")
     with stage_run(cfg, "prune") as tracker:
-        masks, result = iterative_prune(
-            model, masks, step=pruner, finetune=finetune, target_reached=pruner.reached,
-            validate=lambda m: evaluate(m, val_loader, device=device, desc="prune val"),
-            tolerance=float(p.tolerance), max_iterations=int(p.max_iterations),
-            checkpoint=checkpoint_path(cfg, "prune_loop"),
-            fingerprint=pipeline_id(cfg),
-            on_record=lambda rec: _log_record(tracker, rec))
+        loop = IterativePruner(finetune=finetune, tolerance=tolerance, max_iterations=int(p.max_iterations),
+                               validate=lambda m: evaluate(m, val_loader, device=device, desc="prune val"),
+                               on_record=lambda rec: _log_record(tracker, rec), **parts)
+        model, masks, result = loop.run(model.to(device), masks, checkpoint=checkpoint_path(cfg, "prune_loop"),
+                                        fingerprint=pipeline_id(cfg))
         model.cpu()
-        save_model(out, model, spec, masks)
-        metrics = write_outputs(out, result, masks, float(p.tolerance))
+        structured = mode == "structured"
+        save_model(out, model, spec.with_channels_of(model) if structured else spec, masks)
+        metrics = write_outputs(out, result, result.best.layer_density, tolerance)
         write_metrics(out, metrics)
         tracker.log_metrics(metrics)
-        tracker.set_tags({"napkit.prune.stop_reason": result.stop_reason})
+        tracker.set_tags({"napkit.prune.stop_reason": result.stop_reason, "napkit.prune.mode": mode})
         tracker.log_artifact(out)
     return metrics

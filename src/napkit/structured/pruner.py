@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from napkit.curvature import KFACFactors
 from napkit.errors import NapkitError, unknown_choice
 from napkit.evaluation.cost import layer_flops
+from napkit.pruning.allocation import CannotPruneFurther
 from napkit.structured.groups import ChannelGroup, channel_groups, in_channels, rows
 from napkit.structured.importance import ChannelImportance, ScoreInputs, channel_importance_class
 from napkit.structured.surgery import apply
@@ -208,7 +209,7 @@ class StructuredPruner:
         scores = self.importance(model, groups, ScoreInputs(factors, flops[1]))
         group_of, channel = self._order(groups, scores)
         if group_of.numel() == 0:
-            raise NapkitError(
+            raise CannotPruneFurther(
                 f"cannot prune further: every channel group is at its floor (min_channels="
                 f"{self.min_channels}, max_group_sparsity={self.max_group_sparsity}) or unscored by "
                 f"{self.importance.name!r}"
