@@ -59,3 +59,22 @@ def test_unknown_option_names_the_valid_ones(compose_cfg) -> None:
         compose_cfg("model=lenet9000")
     message = str(err.value)
     assert "lenet9000" in message and "vgg16_small" in message
+
+
+def test_dvc_params_mirror_the_stage_dependencies() -> None:
+    """dvc.yaml's per-stage params are exactly what each stage reads (STAGE_PARAMS)."""
+    from napkit.stages import STAGE_PARAMS
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert {name: tuple(stage["params"]) for name, stage in stages.items()} == STAGE_PARAMS
+
+
+def test_content_addressed_dirs_share_upstream_stages(compose_cfg) -> None:
+    from napkit.stages.common import stage_dir
+
+    a = compose_cfg("paths.content_addressed=true", "prune=nap")
+    b = compose_cfg("paths.content_addressed=true", "prune=magnitude")
+    c = compose_cfg("paths.content_addressed=true", "prune=nap", "train.epochs=3")
+    assert stage_dir(a, "pretrain") == stage_dir(b, "pretrain") and stage_dir(a, "curvature") == stage_dir(b, "curvature")
+    assert stage_dir(a, "prune") != stage_dir(b, "prune")
+    assert stage_dir(a, "pretrain") != stage_dir(c, "pretrain") and stage_dir(a, "evaluate") != stage_dir(c, "evaluate")

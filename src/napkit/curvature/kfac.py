@@ -37,6 +37,16 @@ def sample_labels(logits: Tensor, generator: torch.Generator) -> Tensor:
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def inverse_cdf_labels(logits: Tensor, uniforms: Tensor) -> Tensor:
+    """Labels drawn from the model's softmax with one given uniform per example.
+
+    An example's label then depends only on its own uniform, not on which process or batch it
+    was in, so sharded (data-parallel) estimates equal the single-process one.
+    """
+    cdf = torch.softmax(logits.detach().double(), dim=1).cumsum(dim=1)
+    return (cdf < uniforms.double().unsqueeze(1)).sum(dim=1).clamp(max=logits.shape[1] - 1)
+
+
 def conv_patches(layer: nn.Conv2d, x: Tensor) -> Tensor:
     """Unfolded input patches ``[B, T, C_in * kh * kw]`` in the order of ``weight.view(C_out, -1)``.
 
@@ -258,7 +268,8 @@ def estimate_kfac(
 ) -> dict[str, KFACFactors]:
     """K-FAC factors ``F ~ kron(G, A)`` of each layer (default: all prunable layers), see module docstring.
 
-    ``loader`` yields ``(inputs, labels, ...)`` batches; ``model(inputs)`` must return logits and
+    ``loader`` yields ``(inputs, labels[, uniforms])`` batches (with per-example uniforms the true
+    Fisher's labels are drawn by inverse CDF from them, see :func:`inverse_cdf_labels`); ``model(inputs)`` must return logits and
     already live on ``device``. ``fisher="true"`` samples labels from the model's softmax with a
     generator seeded by ``seed``; ``"empirical"`` uses the loader's labels. The loss is summed
     (not averaged) so ``g`` is each example's own gradient. Stops after ``num_samples`` examples
@@ -283,7 +294,8 @@ def estimate_kfac(
             for batch in loader:
                 take = min(len(batch[0]), num_samples - seen)
                 x, y = batch[0][:take].to(device), batch[1][:take].to(device)
-                _add_batch(model, recorder, sums, x, y, fisher, generator, chunk_size)
+                u = batch[2][:take].to(device) if len(batch) > 2 else None
+                _add_batch(model, recorder, sums, x, y, fisher, generator, chunk_size, u)
                 seen += take
                 bar.update(take)
                 if seen >= num_samples:
@@ -304,10 +316,16 @@ def _add_batch(
     fisher: str,
     generator: torch.Generator,
     chunk_size: int,
+    uniforms: Tensor | None = None,
 ) -> None:
     """One forward/backward pass; add every layer's inputs and per-example output gradients."""
     logits = model(x)
-    labels = sample_labels(logits, generator) if fisher == "true" else y
+    if fisher == "empirical":
+        labels = y
+    elif uniforms is not None:
+        labels = inverse_cdf_labels(logits, uniforms)
+    else:
+        labels = sample_labels(logits, generator)
     loss = F.cross_entropy(logits, labels, reduction="sum")
     # Differentiating w.r.t. the weights (result discarded) runs the output-gradient hooks
     # without touching any parameter's .grad.

@@ -14,19 +14,33 @@ from omegaconf import DictConfig, OmegaConf
 
 from napkit.artifacts import ModelSpec
 from napkit.data import DataSplits, create_splits
+from napkit.hashing import fingerprint
 from napkit.io import write_json, write_with
+from napkit.stages import STAGE_PARAMS, STAGES
 
 _LOADER_KEYS = ("batch_size", "eval_batch_size")
 
 
+def stage_key(cfg: DictConfig, stage: str) -> str:
+    """Hash of every config key that determines ``stage``'s outputs (its own and its upstream stages')."""
+    keys = [k for s in STAGES[: STAGES.index(stage) + 1] for k in STAGE_PARAMS[s]]
+    return fingerprint({k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig)
+                        else cfg[k] for k in keys})
+
+
 def stage_dir(cfg: DictConfig, stage: str) -> Path:
-    """``<paths.artifacts>/<stage>``: the stage's DVC output folder."""
-    return Path(cfg.paths.artifacts) / stage
+    """The stage's output folder: ``<artifacts>/<stage>`` (DVC's outs), or, with
+    ``paths.content_addressed``, ``<artifacts>/<stage>/<stage_key>`` so runs that share a config
+    prefix (a sweep over pruning methods) share the pretrain and curvature outputs."""
+    base = Path(cfg.paths.artifacts) / stage
+    return base / stage_key(cfg, stage) if cfg.paths.get("content_addressed", False) else base
 
 
 def checkpoint_path(cfg: DictConfig, stage: str) -> Path:
     """Resume checkpoints live beside, not inside, the DVC outputs (DVC clears outputs on rerun)."""
-    return Path(cfg.paths.artifacts) / "checkpoints" / f"{stage}.pt"
+    name = stage.split("_", 1)[0]  # prune_iter3 / prune_loop belong to the prune stage
+    suffix = f"-{stage_key(cfg, name)}" if cfg.paths.get("content_addressed", False) else ""
+    return Path(cfg.paths.artifacts) / "checkpoints" / f"{stage}{suffix}.pt"
 
 
 def seed_everything(seed: int) -> None:

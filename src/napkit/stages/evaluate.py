@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from napkit.artifacts import load_model
 from napkit.data import make_loader
+from napkit.distributed import world
 from napkit.evaluation.cost import cost_summary, input_shape, latency_ms, layer_flops
 from napkit.evaluation.plots import plot_layer_ratios
 from napkit.layers import prunable_layers
@@ -19,7 +20,9 @@ from napkit.training.engine import evaluate, resolve_device
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Measure the fine-tuned pruned model and the dense pretrained one on the test split."""
+    """Measure the fine-tuned pruned model and the dense pretrained one on the test split (rank 0 only)."""
+    if not world().is_main:
+        return {}
     seed_everything(int(cfg.seed))
     e = cfg.evaluate
     dense, spec, _ = load_model(stage_dir(cfg, "pretrain"))

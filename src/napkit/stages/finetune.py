@@ -7,6 +7,7 @@ import time
 from omegaconf import DictConfig
 
 from napkit.artifacts import load_model, save_model
+from napkit.distributed import world
 from napkit.stages.common import checkpoint_path, load_splits, seed_everything, stage_dir, write_csv, write_metrics
 from napkit.tracking import stage_run
 from napkit.training.engine import resolve_device
@@ -27,13 +28,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
                       checkpoint=checkpoint_path(cfg, "finetune"),
                       on_epoch=lambda epoch, row: tracker.log_metrics(row, step=epoch), desc="finetune")
         model.cpu()
-        save_model(out, model, spec, masks)
-        if history:
-            write_csv(out / "history.csv", history)
         last = history[-1] if history else {}
         metrics = {"val_top1": last.get("val_top1", 0.0), "val_top5": last.get("val_top5", 0.0),
                    "epochs": len(history), "seconds": time.perf_counter() - t0}
-        write_metrics(out, metrics)
+        if world().is_main:
+            save_model(out, model, spec, masks)
+            write_csv(out / "history.csv", history)
+            write_metrics(out, metrics)
         tracker.log_metrics(metrics)
         tracker.log_artifact(out)
     return metrics

@@ -19,6 +19,7 @@ from torch import nn
 from napkit.artifacts import ModelSpec, load_model, save_model
 from napkit.curvature import KFACFactors, load_factors
 from napkit.data import DataSplits, make_loader
+from napkit.distributed import world
 from napkit.errors import unknown_choice
 from napkit.evaluation.cost import input_shape
 from napkit.evaluation.plots import plot_layer_ratios, plot_prune_path
@@ -159,8 +160,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         model, masks, result = loop.run(model.to(device), masks, checkpoint=checkpoint_path(cfg, "prune_loop"),
                                         fingerprint=pipeline_id(cfg))
         model.cpu()
-        structured = mode == "structured"
-        save_model(out, model, spec.with_channels_of(model) if structured else spec, masks)
+        if not world().is_main:  # the other ranks held identical models and masks
+            return {}
+        save_model(out, model, spec.with_channels_of(model) if mode == "structured" else spec, masks)
         metrics = write_outputs(out, result, result.best.layer_density, tolerance)
         write_metrics(out, metrics)
         tracker.log_metrics(metrics)

@@ -22,6 +22,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from napkit.distributed import world
 from napkit.hashing import fingerprint
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def _resolve_run(client: MlflowClient, cfg: DictConfig, stage: str) -> tuple[str
 @contextmanager
 def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageTracker]:
     """Open the MLflow run this stage belongs to; mark the stage done, or the run failed on error."""
-    if not cfg.tracking.get("enabled", True):
+    if not cfg.tracking.get("enabled", True) or not world().is_main:  # one writer under torchrun
         yield StageTracker(None, None, stage)
         return
     client = MlflowClient(tracking_uri(cfg))

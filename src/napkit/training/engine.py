@@ -8,19 +8,19 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from napkit.distributed import device_for, world
 from napkit.errors import NapkitError
 from napkit.pruning.masks import MaskSet
 from napkit.training.metrics import topk_correct
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when present, else cpu; anything else is passed to torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto`` -> this rank's GPU when present, else cpu; anything else is passed to torch.device."""
     try:
-        return torch.device(name)
+        return device_for(name, world())
     except RuntimeError as exc:
         raise NapkitError(f"unknown device {name!r}; valid choices: auto, cpu, cuda, cuda:N") from exc
 
@@ -33,30 +33,35 @@ def train_one_epoch(
     device: torch.device,
     masks: MaskSet | None = None,
     label_smoothing: float = 0.0,
+    amp: bool = False,
     desc: str = "train",
     progress: bool = True,
 ) -> dict[str, float]:
     """Train for one pass over ``batches``; returns mean loss and top-1 (percent).
 
+    ``model`` may be wrapped in DistributedDataParallel (masks address the wrapped module).
+    ``amp`` runs forward passes in bfloat16 autocast (no loss scaling needed).
     A non-finite loss stops training with a clear error before the weights are updated,
     so the last checkpoint stays the last good state.
     """
     model.train()
+    plain = model.module if isinstance(model, DistributedDataParallel) else model
     total, loss_sum, correct = 0, 0.0, 0
     bar = tqdm(batches, desc=desc, leave=False, disable=not progress)
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         if not math.isfinite(loss.item()):
             raise NapkitError(f"{desc}: loss became {loss.item()} (try a lower learning rate); stopped")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if masks is not None:
-            masks.mask_grads_(model)
+            masks.mask_grads_(plain)
         optimizer.step()
         if masks is not None:
-            masks.apply_(model)
+            masks.apply_(plain)
         n = y.shape[0]
         total += n
         loss_sum += loss.item() * n

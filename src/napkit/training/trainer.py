@@ -16,9 +16,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from napkit.data import make_loader
+from napkit.distributed import barrier, world
 from napkit.hashing import fingerprint
 from napkit.io import load_torch, save_torch
 from napkit.pruning.masks import MaskSet
@@ -55,6 +57,9 @@ def fit(
 ) -> list[dict[str, float]]:
     """Train ``model`` for ``epochs`` (default ``cfg.epochs``), resuming from ``checkpoint`` if it matches.
 
+    Under torchrun the model trains wrapped in DistributedDataParallel on this rank's shard of
+    every epoch; only rank 0 writes the checkpoint and calls ``on_epoch``.
+
     Returns the per-epoch history (train loss/top-1, val loss/top-1/top-5, lr).
     """
     epochs = int(cfg.epochs if epochs is None else epochs)
@@ -77,23 +82,33 @@ def fit(
             log.info("%s: resumed from %s at epoch %d/%d", desc, checkpoint, start, epochs)
         else:
             log.warning("%s: ignoring checkpoint %s from another configuration", desc, checkpoint)
+    w = world()
+    trained = model
+    if w.distributed:
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     for epoch in range(start, epochs):
-        loader = make_loader(train_set, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch, drop_last=False)
+        loader = make_loader(train_set, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch,
+                             rank=w.rank, world_size=w.world_size)
         lr = optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(model, loader, optimizer, device=device, masks=masks,
+        train = train_one_epoch(trained, loader, optimizer, device=device, masks=masks,
                                 label_smoothing=float(cfg.get("label_smoothing", 0.0)),
-                                desc=f"{desc} {epoch + 1}/{epochs}", progress=progress)
+                                amp=bool(cfg.get("amp", False)) and device.type == "cuda",
+                                desc=f"{desc} {epoch + 1}/{epochs}", progress=progress and w.is_main)
         scheduler.step()
         val = evaluate(model, make_loader(val_set, batch_size=eval_batch_size, shuffle=False, seed=seed),
-                       device=device, desc=f"{desc} val", progress=progress)
+                       device=device, desc=f"{desc} val", progress=progress and w.is_main)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"], "train_top1": train["top1"],
                "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"]}
         history.append(row)
-        save_torch(checkpoint, {
-            "fingerprint": key, "epoch": epoch + 1, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(), "history": history,
-        })
+        if w.is_main:  # one writer; the other ranks wait until the checkpoint is complete
+            save_torch(checkpoint, {
+                "fingerprint": key, "epoch": epoch + 1, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(), "history": history,
+            })
+        barrier()
+        if not w.is_main:
+            continue
         log.info("%s epoch %d/%d: %s", desc, epoch + 1, epochs,
                  " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
         if on_epoch is not None:
