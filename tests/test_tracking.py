@@ -83,3 +83,16 @@ def test_repo_root_sees_through_dvc_temp_copies(tmp_path: Path) -> None:
     inner.mkdir(parents=True)
     assert repo_root(inner) == tmp_path
     assert repo_root(tmp_path / "pipelines") == tmp_path
+
+
+def test_unreachable_store_does_not_stop_the_stage(compose_cfg, tmp_path, monkeypatch, caplog) -> None:
+    """A tracking server that refuses connections: the stage body runs, a warning says tracking failed."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = compose_cfg("tracking.uri=http://127.0.0.1:9", f"paths.artifacts={tmp_path}")
+    ran = []
+    with caplog.at_level("WARNING"):
+        with stage_run(cfg, "pretrain") as t:
+            t.log_metrics({"x": 1.0})
+            ran.append(True)
+    assert ran and t.failed and not t.enabled
+    assert "MLflow tracking failed" in caplog.text and "UNTRACKED" in caplog.text

@@ -67,41 +67,59 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
 
 
 class StageTracker:
-    """Logging calls for one stage; a disabled tracker accepts them all and does nothing."""
+    """Logging calls for one stage; a disabled tracker accepts them all and does nothing.
+
+    Tracking never costs a result: if the store fails mid-stage, the tracker warns once, turns
+    itself off and the stage finishes with its outputs on disk (``failed`` tells the caller).
+    """
 
     def __init__(self, client: MlflowClient | None, run_id: str | None, stage: str) -> None:
         self.client, self.run_id, self.stage = client, run_id, stage
+        self.failed = False
 
     @property
     def enabled(self) -> bool:
         return self.client is not None
 
+    def fail(self, exc: BaseException) -> None:
+        """Turn tracking off after an error from the store, saying so once."""
+        if not self.failed:
+            log.warning("%s: MLflow tracking failed (%s: %s); the stage goes on and keeps its results on disk",
+                        self.stage, type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
+        self.client, self.failed = None, True
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        if self.client is None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any store error must not stop the stage
+            self.fail(exc)
+
     def log_params(self, params: dict[str, Any]) -> None:
-        if self.client:
-            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-            for i in range(0, len(items), 100):
-                self.client.log_batch(self.run_id, params=items[i : i + 100])
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._call(lambda batch: self.client.log_batch(self.run_id, params=batch), items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None, prefix: str | None = None) -> None:
-        if self.client:
-            pre = f"{self.stage}/" if prefix is None else prefix
-            ts = int(time.time() * 1000)
-            items = [Metric(f"{pre}{k}", float(v), ts, step or 0) for k, v in metrics.items()]
-            for i in range(0, len(items), 500):
-                self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+        pre = f"{self.stage}/" if prefix is None else prefix
+        ts = int(time.time() * 1000)
+        items = [Metric(f"{pre}{k}", float(v), ts, step or 0) for k, v in metrics.items()]
+        for i in range(0, len(items), 500):
+            self._call(lambda batch: self.client.log_batch(self.run_id, metrics=batch), items[i : i + 500])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if self.client and Path(path).exists():
-            target = artifact_path or self.stage
-            if Path(path).is_dir():
-                self.client.log_artifacts(self.run_id, str(path), target)
-            else:
-                self.client.log_artifact(self.run_id, str(path), target)
+        if not Path(path).exists():
+            return
+        target = artifact_path or self.stage
+        if Path(path).is_dir():
+            self._call(lambda: self.client.log_artifacts(self.run_id, str(path), target))
+        else:
+            self._call(lambda: self.client.log_artifact(self.run_id, str(path), target))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        if self.client:
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, str(v))
+        for k, v in tags.items():
+            self._call(lambda: self.client.set_tag(self.run_id, k, str(v)))
 
 
 def _resolve_run(client: MlflowClient, cfg: DictConfig, stage: str) -> tuple[str, bool]:
@@ -125,22 +143,36 @@ def _resolve_run(client: MlflowClient, cfg: DictConfig, stage: str) -> tuple[str
 
 @contextmanager
 def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageTracker]:
-    """Open the MLflow run this stage belongs to; mark the stage done, or the run failed on error."""
+    """Open the MLflow run this stage belongs to; mark the stage done, or the run failed on error.
+
+    An unreachable store is reported in one warning and the stage runs untracked.
+    """
     if not cfg.tracking.get("enabled", True) or not world().is_main:  # one writer under torchrun
         yield StageTracker(None, None, stage)
         return
-    client = MlflowClient(tracking_uri(cfg))
-    run_id, created = _resolve_run(client, cfg, stage)
-    tracker = StageTracker(client, run_id, stage)
-    if created:
-        tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-    client.update_run(run_id, status="RUNNING")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(cfg.tracking.get("http_retries", 2)))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(cfg.tracking.get("http_timeout", 10)))
+    uri = tracking_uri(cfg)
+    tracker = StageTracker(None, None, stage)
+    try:
+        client = MlflowClient(uri)
+        run_id, created = _resolve_run(client, cfg, stage)
+        tracker = StageTracker(client, run_id, stage)
+        if created:
+            tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        client.update_run(run_id, status="RUNNING")
+    except Exception as exc:  # noqa: BLE001 - the store is down: run untracked, say so
+        tracker.fail(exc)
     try:
         yield tracker
     except BaseException as exc:
-        client.set_tag(run_id, f"napkit.error.{stage}", str(exc)[:5000])
-        client.set_terminated(run_id, status="FAILED")
+        tracker.set_tags({f"napkit.error.{stage}": str(exc)[:5000]})
+        tracker._call(lambda: tracker.client.set_terminated(tracker.run_id, status="FAILED"))
         raise
-    client.set_tag(run_id, f"napkit.stage.{stage}", "done")
-    client.set_terminated(run_id, status="FINISHED")
-    log.info("%s: tracked in MLflow run %s (%s)", stage, run_id, tracking_uri(cfg))
+    tracker.set_tags({f"napkit.stage.{stage}": "done"})
+    tracker._call(lambda: tracker.client.set_terminated(tracker.run_id, status="FINISHED"))
+    if tracker.failed:
+        log.warning("%s: finished UNTRACKED (MLflow store %s failed); outputs are on disk; rerun the stage "
+                    "once the store is back to record it", stage, uri)
+    else:
+        log.info("%s: tracked in MLflow run %s (%s)", stage, tracker.run_id, uri)
