@@ -8,7 +8,8 @@ from omegaconf import DictConfig
 
 from napkit.artifacts import load_model, save_model
 from napkit.distributed import world
-from napkit.stages.common import checkpoint_path, load_splits, seed_everything, stage_dir, write_csv, write_metrics
+from napkit.stages.common import (checkpoint_path, load_splits, seed_everything, stage_dir, stage_key, write_csv,
+                                  write_metrics)
 from napkit.tracking import stage_run
 from napkit.training.engine import resolve_device
 from napkit.training.trainer import fit
@@ -25,7 +26,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         history = fit(model, splits.train, splits.val, cfg=cfg.finetune, masks=masks,
                       batch_size=int(cfg.data.batch_size), eval_batch_size=int(cfg.data.eval_batch_size),
                       seed=int(cfg.seed), device=resolve_device(cfg.device),
-                      checkpoint=checkpoint_path(cfg, "finetune"),
+                      checkpoint=checkpoint_path(cfg, "finetune"), run_key=stage_key(cfg, "finetune"),
                       on_epoch=lambda epoch, row: tracker.log_metrics(row, step=epoch), desc="finetune")
         model.cpu()
         last = history[-1] if history else {}

@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from napkit.artifacts import save_model
 from napkit.distributed import world
-from napkit.stages.common import (checkpoint_path, load_splits, model_spec, seed_everything, stage_dir,
+from napkit.stages.common import (checkpoint_path, load_splits, model_spec, seed_everything, stage_dir, stage_key,
                                   write_csv, write_metrics)
 from napkit.tracking import stage_run
 from napkit.training.engine import resolve_device
@@ -27,6 +27,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         history = fit(model, splits.train, splits.val, cfg=cfg.train, batch_size=int(cfg.data.batch_size),
                       eval_batch_size=int(cfg.data.eval_batch_size), seed=int(cfg.seed),
                       device=resolve_device(cfg.device), checkpoint=checkpoint_path(cfg, "pretrain"),
+                      run_key=stage_key(cfg, "pretrain"),
                       on_epoch=lambda epoch, row: tracker.log_metrics(row, step=epoch), desc="pretrain")
         model.cpu()
         last = history[-1] if history else {}

@@ -150,7 +150,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         seed_everything(int(cfg.seed) + it)
         fit(m, splits.train, splits.val, cfg=cfg.finetune, epochs=int(p.finetune_epochs), masks=mk,
             batch_size=batch, eval_batch_size=int(cfg.data.eval_batch_size), seed=int(cfg.seed) + it,
-            device=device, checkpoint=checkpoint_path(cfg, f"prune_iter{it}"), desc=f"prune {it} finetune")
+            device=device, checkpoint=checkpoint_path(cfg, f"prune_iter{it}"), run_key=f"{pipeline_id(cfg)}-{it}",
+            desc=f"prune {it} finetune")
 
     out = stage_dir(cfg, "prune")
     with stage_run(cfg, "prune") as tracker:

@@ -51,6 +51,7 @@ def fit(
     checkpoint: Path,
     epochs: int | None = None,
     masks: MaskSet | None = None,
+    run_key: str = "",
     on_epoch: EpochCallback | None = None,
     desc: str = "train",
     progress: bool = True,
@@ -58,7 +59,9 @@ def fit(
     """Train ``model`` for ``epochs`` (default ``cfg.epochs``), resuming from ``checkpoint`` if it matches.
 
     Under torchrun the model trains wrapped in DistributedDataParallel on this rank's shard of
-    every epoch; only rank 0 writes the checkpoint and calls ``on_epoch``.
+    every epoch; only rank 0 writes the checkpoint and calls ``on_epoch``. ``run_key`` (the hash of
+    everything upstream, e.g. the data and the pruning step) keeps a checkpoint from another run
+    with the same shapes and optimizer settings from being resumed.
 
     Returns the per-epoch history (train loss/top-1, val loss/top-1/top-5, lr).
     """
@@ -67,7 +70,7 @@ def fit(
     if masks is not None:
         masks.apply_(model)
     optimizer, scheduler = build_optimizer(model, cfg, epochs)
-    key = fingerprint(OmegaConf.to_container(cfg, resolve=True), epochs, batch_size, seed,
+    key = fingerprint(OmegaConf.to_container(cfg, resolve=True), epochs, batch_size, seed, run_key,
                       [list(p.shape) for p in model.parameters()])
     history: list[dict[str, float]] = []
     start = 0
