@@ -1,0 +1,196 @@
+"""One CHEX exploration step (spec a-e), the initial masks, compaction and the FLOPs -> S bisection.
+
+:class:`Explorer` owns the channel masks and the MRU bank of one model. ``init`` masks every layer
+uniformly at density ``1 - S + d0`` keeping the largest-L1 filters (after snapshotting the bank);
+``step`` runs (a) budgets from |gamma|, (b) CSS pruning, (c) MRU restore, (d) importance-sampled
+regrowth, snapshot, apply, and (e) under ``torch.distributed`` takes rank 0's masks. Sampling uses a
+generator seeded from ``(seed, epoch)`` alone, so a run is deterministic and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from napkit.chex.budget import layer_budgets, layer_scores
+from napkit.chex.css import css_keep, filter_matrix, l1_keep
+from napkit.chex.masks import ChannelMasks, ChexLayer, chex_layers
+from napkit.chex.regrow import REGROWTH, REINIT, MRUBank, sample_regrowth
+from napkit.errors import NapkitError
+from napkit.structured.groups import ChannelGroup, channel_groups
+from napkit.structured.pruner import count_flops
+from napkit.structured.surgery import apply
+
+
+@dataclass
+class StepRecord:
+    """What one exploration step did (logged per step)."""
+
+    epoch: int
+    regrow_factor: float
+    density: float
+    channels: dict[str, int]
+    kept: int
+    regrown: int
+    survived: int | None  # of the previous step's regrown channels, how many CSS kept this step
+    layer_regrown: dict[str, int] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "regrow_factor": self.regrow_factor, "density": self.density,
+                "kept": self.kept, "regrown": self.regrown,
+                "survived": -1 if self.survived is None else self.survived,
+                **{f"channels/{k}": v for k, v in self.channels.items()}}
+
+
+class Explorer:
+    """Masks, MRU bank and exploration steps of one model (spec: one exploration step)."""
+
+    def __init__(self, model: nn.Module, *, sparsity: float, d0: float, regrowth: str = "importance",
+                 reinit: str = "mru", seed: int = 0, min_channels: int = 1,
+                 groups: list[ChannelGroup] | None = None) -> None:
+        if regrowth not in REGROWTH:
+            raise NapkitError(f"unknown chex.regrowth {regrowth!r}; valid choices: {', '.join(REGROWTH)}")
+        if reinit not in REINIT:
+            raise NapkitError(f"unknown chex.reinit {reinit!r}; valid choices: {', '.join(REINIT)}")
+        if not 0.0 <= sparsity < 1.0:
+            raise NapkitError(f"chex.S must lie in [0, 1), got {sparsity}")
+        if not 0.0 <= d0 <= sparsity:
+            raise NapkitError(f"chex.d0 must lie in [0, S={sparsity}], got {d0}")
+        self.layers: list[ChexLayer] = chex_layers(model, groups)
+        self.sparsity, self.d0, self.regrowth, self.reinit = float(sparsity), float(d0), regrowth, reinit
+        self.seed, self.min_channels = int(seed), int(min_channels)
+        self.masks = ChannelMasks.dense(self.layers)
+        self.bank = MRUBank(self.layers)
+        self.last_regrown: dict[str, Tensor] = {}
+        self.records: list[StepRecord] = []
+
+    # ------------------------------------------------------------------ start
+
+    @torch.no_grad()
+    def init(self, model: nn.Module) -> ChannelMasks:
+        """Spec 1: uniform density ``1 - S + d0`` by filter L1 norm; the bank holds the random init."""
+        density = 1.0 - self.sparsity + self.d0
+        masks = {}
+        for l in self.layers:
+            k = min(l.size, max(self.min_channels, round(density * l.size)))
+            m = torch.zeros(l.size, dtype=torch.bool)
+            m[l1_keep(model.get_submodule(l.producer).weight, k)] = True
+            masks[l.id] = m
+        self.bank.snapshot(model)
+        self.masks = self._broadcast(ChannelMasks(self.layers, masks))
+        self.masks.apply_(model)
+        return self.masks
+
+    # ------------------------------------------------------------------ one step
+
+    @torch.no_grad()
+    def step(self, model: nn.Module, epoch: int, regrow_factor: float) -> StepRecord:
+        """Spec a-e at the start of ``epoch`` with regrowing factor ``d_e``; applies the new masks."""
+        old = self.masks.masks
+        # (a) budgets from |gamma| (pruned channels score 0)
+        scores = {l.id: layer_scores(model, l, old[l.id]) for l in self.layers}
+        keep, grow = layer_budgets(scores, self.sparsity, regrow_factor, self.min_channels)
+        # (b) prune by CSS
+        kept = {l.id: css_keep(model.get_submodule(l.producer).weight, keep[l.id], old[l.id])
+                for l in self.layers}
+        # (c) restore the MRU values of every channel pruned so far
+        if self.reinit == "mru":
+            self.bank.restore(model, {lid: ~m for lid, m in old.items()})
+        # (d) regrow by importance sampling
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        new, regrown = {}, {}
+        for l in self.layers:
+            x = filter_matrix(model.get_submodule(l.producer).weight)
+            r = sample_regrowth(x, kept[l.id], grow[l.id], generator=gen, method=self.regrowth)
+            m = torch.zeros(l.size, dtype=torch.bool)
+            m[kept[l.id]] = True
+            m[r] = True
+            new[l.id], regrown[l.id] = m, r
+        masks = self._broadcast(ChannelMasks(self.layers, new))
+        survived = None
+        if self.last_regrown:
+            survived = sum(int(torch.isin(self.last_regrown[lid], kept[lid]).sum()) for lid in kept)
+        self.last_regrown = {lid: torch.nonzero(masks.masks[lid]).flatten()[
+            torch.isin(torch.nonzero(masks.masks[lid]).flatten(), kept[lid], invert=True)] for lid in kept}
+        self.bank.snapshot(model)
+        self.masks = masks
+        masks.apply_(model)
+        counts = masks.counts()
+        rec = StepRecord(epoch=epoch, regrow_factor=float(regrow_factor), density=masks.density(),
+                         channels=counts, kept=sum(keep.values()),
+                         regrown=sum(int(v.numel()) for v in self.last_regrown.values()), survived=survived,
+                         layer_regrown={lid: int(v.numel()) for lid, v in self.last_regrown.items()})
+        self.records.append(rec)
+        return rec
+
+    def _broadcast(self, masks: ChannelMasks) -> ChannelMasks:
+        """(e) Under torch.distributed every rank takes rank 0's masks."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return masks
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+            else torch.device("cpu")
+        out = {}
+        for l in self.layers:
+            t = masks.masks[l.id].to(device=device, dtype=torch.uint8)
+            dist.broadcast(t, src=0)
+            out[l.id] = t.cpu().bool()
+        return ChannelMasks(self.layers, out)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": self.masks.to_tensors(), "bank": self.bank.state_dict(),
+                "last_regrown": {k: v.clone() for k, v in self.last_regrown.items()},
+                "records": [r.__dict__ for r in self.records]}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
+        self.masks = ChannelMasks.from_tensors(self.layers, state["masks"])
+        self.bank.load_state_dict(state["bank"], device)
+        self.last_regrown = {k: v.clone() for k, v in state["last_regrown"].items()}
+        self.records = [StepRecord(**r) for r in state["records"]]
+
+
+# ---------------------------------------------------------------------- compaction and FLOPs
+
+
+def compact(model: nn.Module, masks: ChannelMasks, groups: list[ChannelGroup] | None = None) -> nn.Module:
+    """The physically smaller copy of a masked model (only its live channels)."""
+    return apply(model, masks.plan(), groups=groups)
+
+
+def _uniform_flops(model: nn.Module, layers: list[ChexLayer], groups: list[ChannelGroup], density: float,
+                   shape: tuple[int, ...], min_channels: int) -> int:
+    plan = {l.id: torch.arange(min(l.size, max(min_channels, round(density * l.size)))) for l in layers}
+    return count_flops(apply(model, plan, groups=groups), shape)[0]
+
+
+def sparsity_for_flops(model: nn.Module, target_reduction: float, input_shape: tuple[int, ...], *,
+                       min_channels: int = 1, tol: float = 1e-3) -> float:
+    """Smallest S (within ``tol``) whose uniformly masked model has ``target_reduction`` x fewer FLOPs
+    than ``model``, by bisection on the FLOPs measured after compaction **[ours]**.
+
+    CHEX reallocates channels while it trains, so the final model's FLOPs move around this value.
+    """
+    if target_reduction < 1.0:
+        raise NapkitError(f"chex.target_flops_reduction must be >= 1, got {target_reduction}")
+    model = copy.deepcopy(model).cpu()
+    groups = channel_groups(model)
+    layers = chex_layers(model, groups)
+    dense = count_flops(model, input_shape)[0]
+
+    def reduction(s: float) -> float:
+        return dense / _uniform_flops(model, layers, groups, 1.0 - s, input_shape, min_channels)
+
+    lo, hi = 0.0, 1.0 - 1e-6
+    if reduction(hi) < target_reduction:
+        raise NapkitError(f"a {target_reduction}x FLOPs reduction is out of reach by pruning "
+                          f"{type(model).__name__}'s CHEX layers (at most {reduction(hi):.2f}x)")
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if reduction(mid) >= target_reduction else (mid, hi)
+    return hi
