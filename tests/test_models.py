@@ -27,7 +27,7 @@ def n_params(model: nn.Module) -> int:
 
 
 def test_registry_lists_every_model():
-    assert list_models() == sorted(SMALL + FULL)
+    assert list_models() == sorted(SMALL + FULL + ["lenet5"])
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -150,3 +150,9 @@ def test_missing_or_wrong_pretrained_weights_give_clear_errors(tmp_path, monkeyp
     torch.save({"not.an.alexnet": torch.zeros(1)}, path)
     with pytest.raises(NapkitError, match="does not hold 'alexnet' weights"):
         create_model("alexnet", num_classes=10, in_channels=3, input_size=224, pretrained=True)
+
+
+def test_lenet5_is_lenet_sized():
+    model = create_model("lenet5", num_classes=10, in_channels=1, input_size=28)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert 40_000 < n_params(model) < 70_000  # LeNet-5: ~44k (5x5 convs 6 and 16, fc 120-84-10)

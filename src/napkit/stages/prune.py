@@ -30,7 +30,7 @@ from napkit.pruning.masks import MaskSet
 from napkit.stages.common import (checkpoint_path, load_splits, seed_everything, stage_dir, write_csv,
                                   write_metrics)
 from napkit.stages.curvature import estimate
-from napkit.structured import channel_groups
+from napkit.structured import channel_groups, channel_importance_class
 from napkit.structured.pruner import StructuredPruner
 from napkit.structured.surgery import channel_counts, recalibrate_bn, slim_to
 from napkit.tracking import StageTracker, stage_run
@@ -133,6 +133,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     mode = str(p.get("mode", "fine_grained"))
     if mode not in MODES:
         raise unknown_choice("prune.mode", mode, MODES)
+    if mode == "structured":  # bad names fail before any long work
+        channel_importance_class("nap_per_flop" if p.method == "nap" and p.structured.per_flop else str(p.method))
+    else:
+        create_importance(str(p.method), **({"seed": 0} if p.method == "random" else {}))
     model, spec, masks = load_model(stage_dir(cfg, "pretrain"))
     splits = load_splits(cfg)
     device = resolve_device(cfg.device)
