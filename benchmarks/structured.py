@@ -1,0 +1,166 @@
+"""Structured pruning on CIFAR-10: top-1 vs FLOPs reduction for NAP and the channel baselines.
+
+Every method starts from the same dense model and walks the same FLOPs grid (2x, 4x) with the same
+schedule (``--step`` of the remaining channels per step, stopping exactly at each grid point), the
+same fine-tune budget after each step and the same final fine-tune at each grid point, all with one
+learning rate. The tolerance rule is off (every method goes down the whole grid). Prints a table
+(test top-1 at each FLOPs reduction, and right after pruning before any fine-tune) and writes a plot.
+
+    python benchmarks/structured.py [--models vgg16_small resnet50_small] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import time
+
+import torch
+from torch import nn
+
+from common import (DEVICE, RESULTS, dense_model, load_splits, log, optim_cfg, print_table, pyplot, save_figure,
+                    tensor_batches)
+from napkit.curvature import estimate_kfac
+from napkit.data import make_loader
+from napkit.pruning.loop import IterativePruner
+from napkit.structured import StructuredPruner
+from napkit.structured.surgery import recalibrate_bn
+from napkit.training.engine import evaluate, train_one_epoch
+from napkit.training.trainer import fit
+
+METHODS = {  # name: (channel importance, allocation)
+    "nap": ("nap", "global"),
+    "nap_per_flop": ("nap_per_flop", "global"),
+    "l1_uniform": ("l1", "uniform"),
+    "l1_global": ("l1", "global"),
+    "slimming": ("bn_gamma", "global"),
+    "random": ("random", "global"),
+}
+
+
+def run_method(method: str, dense: nn.Module, splits, test, grid: list[float], args) -> list[dict]:
+    """Prune a copy of ``dense`` down the FLOPs grid; one row per grid point."""
+    importance, allocation = METHODS[method]
+    model = copy.deepcopy(dense)
+    shape = (1, splits.in_channels, splits.input_size, splits.input_size)
+
+    def factors(m: nn.Module, it: int):
+        loader = make_loader(splits.train_plain, batch_size=128, shuffle=True, seed=it)
+        return estimate_kfac(m, loader, num_samples=args.kfac_samples, seed=it, progress=False)
+
+    kwargs = {"seed": 0} if importance == "random" else {}
+    pruner = StructuredPruner(importance, dense, input_shape=shape, step_fraction=args.step, allocation=allocation,
+                              target_flops_reduction=grid[-1], factors_provider=factors, damping=args.damping,
+                              **kwargs)
+    n_batches = max(1, round(args.ft_fraction * len(splits.train) / args.batch))
+    rows, pre = [], {}
+
+    def step(m: nn.Module, _mk, it: int):
+        reached = pruner.measure(m)["flops_reduction"]
+        pruner.target = ("flops", next(g for g in grid if g > reached * (1 + 1e-9)))
+        m = pruner(m, it)
+        recalibrate_bn(m, make_loader(splits.train_plain, batch_size=args.batch, shuffle=True, seed=it), 20)
+        pre[it] = evaluate(m, test, device=DEVICE, progress=False)["top1"]
+        return m, None
+
+    def finetune(m: nn.Module, _mk, it: int) -> None:
+        torch.manual_seed(it)
+        opt = torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        loader = make_loader(splits.train, batch_size=args.batch, shuffle=True, seed=it)
+        train_one_epoch(m, itertools.islice(loader, n_batches), opt, device=DEVICE, progress=False)
+
+    def on_record(rec) -> None:
+        red = rec.measures["flops_reduction"]
+        hit = next((g for g in grid if abs(red - g) / g < 0.02), None)
+        if rec.iteration == 0 or hit is None:
+            return
+        final = copy.deepcopy(current["model"])
+        fit(final, splits.train, splits.val, cfg=optim_cfg(args.lr, args.final_epochs), batch_size=args.batch,
+            eval_batch_size=1000, seed=0, device=DEVICE, checkpoint=RESULTS / "runs" / f"structured-{method}.pt",
+            progress=False)
+        (RESULTS / "runs" / f"structured-{method}.pt").unlink(missing_ok=True)
+        top1 = evaluate(final, test, device=DEVICE, progress=False)["top1"]
+        rows.append({"method": method, "target": hit, "flops_reduction": red,
+                     "params_reduction": rec.measures["params_reduction"], "pre_ft_top1": pre[rec.iteration],
+                     "top1": top1})
+        log(f"  {method}: {red:.2f}x FLOPs  pre-ft {pre[rec.iteration]:.2f}  final {top1:.2f}")
+
+    current = {"model": model}
+
+    def step_and_keep(m, mk, it):
+        out = step(m, mk, it)
+        current["model"] = out[0]
+        return out
+
+    loop = IterativePruner(step=step_and_keep, finetune=finetune, measure=lambda m, k: pruner.measure(m),
+                           validate=lambda m: evaluate(m, test, device=DEVICE, progress=False),
+                           reached=lambda m, k: pruner.measure(m)["flops_reduction"] >= grid[-1] * (1 - 1e-9),
+                           tolerance=math.inf, max_iterations=60, on_record=on_record)
+    loop.run(model, None)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["vgg16_small", "resnet50_small"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--grid", nargs="+", type=float, default=[2.0, 4.0])
+    parser.add_argument("--subset", type=int, default=10000, help="CIFAR-10 training images used")
+    parser.add_argument("--dense-epochs", type=int, default=15)
+    parser.add_argument("--step", type=float, default=0.2)
+    parser.add_argument("--ft-fraction", type=float, default=0.5, help="epochs of fine-tuning after each step")
+    parser.add_argument("--final-epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--damping", type=float, default=0.1)
+    parser.add_argument("--kfac-samples", type=int, default=512)
+    parser.add_argument("--quick", action="store_true", help="tiny budget smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.subset, args.dense_epochs, args.final_epochs, args.ft_fraction = 1000, 2, 1, 0.2
+    torch.set_num_threads(2)
+    widths = {"vgg16_small": 0.25, "resnet50_small": 0.125}
+    results = []
+    for name in args.models:
+        splits = load_splits("cifar10", subset_train=args.subset, subset_test=2000)
+        test = tensor_batches(splits.test)
+        dense = dense_model(name, "cifar10", splits, epochs=args.dense_epochs, lr=0.05, subset_train=args.subset,
+                            model_kwargs={"width": widths.get(name, 0.25)})
+        top1_dense = evaluate(dense, test, device=DEVICE, progress=False)["top1"]
+        log(f"{name}: dense test top-1 {top1_dense:.2f}")
+        for method in args.methods:
+            t0 = time.perf_counter()
+            for row in run_method(method, dense, splits, test, sorted(args.grid), args):
+                results.append({"model": name, "dense_top1": top1_dense, "seconds": time.perf_counter() - t0, **row})
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tag = "structured-quick" if args.quick else "structured"
+    (RESULTS / f"{tag}.json").write_text(json.dumps(results, indent=2))
+    print_table(["model", "method", "FLOPs red.", "params red.", "top-1 pre-ft", "top-1", "dense top-1"],
+                [[r["model"], r["method"], f"{r['flops_reduction']:.2f}x", f"{r['params_reduction']:.2f}x",
+                  f"{r['pre_ft_top1']:.2f}", f"{r['top1']:.2f}", f"{r['dense_top1']:.2f}"] for r in results],
+                title=f"CIFAR-10 ({args.subset} training images), test top-1 after the final fine-tune")
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(args.models), figsize=(6 * len(args.models), 4), squeeze=False)
+    for ax, name in zip(axes[0], args.models):
+        for method in args.methods:
+            pts = [(r["flops_reduction"], r["top1"]) for r in results if r["model"] == name and r["method"] == method]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=method)
+        ax.set_title(name)
+        ax.set_xlabel("FLOPs reduction (x)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    print(f"plot: {save_figure(fig, f'{tag}.png')}")
+    for name in args.models:
+        for target in args.grid:
+            by = {r["method"]: r["top1"] for r in results if r["model"] == name and r["target"] == target}
+            if "nap" in by and "l1_uniform" in by:
+                print(f"{name} {target:g}x: nap - l1_uniform = {by['nap'] - by['l1_uniform']:+.2f} points")
+
+
+if __name__ == "__main__":
+    main()
