@@ -7,12 +7,13 @@ Under DVC (chex/dvc.yaml, wdir ..): `--config-dir . --config-name params` runs o
 import hydra
 from omegaconf import DictConfig
 
-from napkit.stages.chex import main as run_chex_stage
+from napkit.entrypoint import run_stage
+from napkit.stages.chex import run
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_chex_stage("chex_evaluate", cfg)
+    run_stage("chex_evaluate", cfg, lambda c: run(c, "chex_evaluate"))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from collections.abc import Callable
 
 from omegaconf import DictConfig
 
@@ -15,14 +16,17 @@ from napkit.stages import STAGES
 log = logging.getLogger("napkit")
 
 
-def run_stage(stage: str, cfg: DictConfig) -> dict[str, float]:
-    """Run ``napkit.stages.<stage>.run(cfg)``; a NapkitError exits with status 2 and one clear line."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
-    module = importlib.import_module(f"napkit.stages.{stage}")
+def run_stage(stage: str, cfg: DictConfig,
+              runner: Callable[[DictConfig], dict[str, float]] | None = None) -> dict[str, float]:
+    """Run ``runner(cfg)`` (default ``napkit.stages.<stage>.run``) under torchrun's process group
+    if any; a NapkitError exits with status 2 and one clear line."""
+    if runner is None:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
+        runner = importlib.import_module(f"napkit.stages.{stage}").run
     try:
         init_from_env(str(cfg.get("distributed", {}).get("backend", "auto")))
-        metrics = module.run(cfg)
+        metrics = runner(cfg)
     except NapkitError as exc:
         print(f"napkit {stage}: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -194,16 +194,3 @@ def run(cfg: DictConfig, stage: str = "chex_train") -> dict[str, float]:
         raise NapkitError(f"unknown CHEX stage {stage!r}; valid: {', '.join(RUNNERS)}")
     return RUNNERS[stage](cfg)
 
-
-def main(stage: str, cfg: DictConfig) -> dict[str, float]:
-    """Body of ``pipelines/chex_*.py``: a NapkitError exits with status 2 and one clear line."""
-    import logging
-    import sys
-
-    try:
-        metrics = run(cfg, stage)
-    except NapkitError as exc:
-        print(f"napkit {stage}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    logging.getLogger("napkit").info("%s done: %s", stage, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    return metrics
