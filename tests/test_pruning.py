@@ -119,6 +119,7 @@ def test_every_output_keeps_a_weight_and_caps_hold() -> None:
 def test_uniform_allocation_gives_equal_ratios() -> None:
     scores, masks = _scores_masks()
     new = prune_lowest(scores, masks, 20, allocation="uniform", max_layer_sparsity=1.0)
+    assert masks.counts()[0] - new.counts()[0] == 20  # exactly the amount asked for, rounding included
     dens = new.layer_density()
     assert dens["a"] == pytest.approx(dens["b"], abs=0.07)
     with pytest.raises(NapkitError, match="valid choices: global, uniform"):

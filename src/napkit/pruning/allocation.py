@@ -38,6 +38,21 @@ def _eligible(score: torch.Tensor, keep: torch.Tensor, max_sparsity: float) -> t
     return flat
 
 
+def _uniform_quotas(masks: MaskSet, eligible: dict[str, torch.Tensor], amount: int) -> dict[str, int]:
+    """Per-layer counts proportional to each layer's survivors that add up to ``amount`` exactly
+    (largest remainders get the rounding), never above what a layer may still lose."""
+    alive = {n: int(masks.masks[n].sum()) for n in eligible}
+    room = {n: int(torch.isfinite(f).sum()) for n, f in eligible.items()}
+    share = amount / max(sum(alive.values()), 1)
+    raw = {n: share * alive[n] for n in eligible}
+    quota = {n: min(math.floor(raw[n]), room[n]) for n in eligible}
+    for n in sorted(eligible, key=lambda n: raw[n] - math.floor(raw[n]), reverse=True):
+        if sum(quota.values()) >= amount:
+            break
+        quota[n] = min(quota[n] + 1, room[n])
+    return quota
+
+
 def prune_lowest(
     scores: dict[str, torch.Tensor],
     masks: MaskSet,
@@ -69,12 +84,9 @@ def prune_lowest(
             quota[n] = picked.numel()
         removed = sum(quota.values())
     else:
-        kept, _ = masks.counts()
-        share = amount / max(kept, 1)
         removed = 0
-        for n, flat in eligible.items():
-            k = min(round(share * int(masks.masks[n].sum())), int(torch.isfinite(flat).sum()))
-            picked = torch.argsort(flat, stable=True)[:k]
+        for n, k in _uniform_quotas(masks, eligible, amount).items():
+            picked = torch.argsort(eligible[n], stable=True)[:k]
             new.masks[n].view(-1)[picked] = False
             removed += k
     if amount > 0 and removed == 0:
