@@ -25,14 +25,14 @@ def run_stage(stage: str, cfg: DictConfig,
             raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
         runner = importlib.import_module(f"napkit.stages.{stage}").run
     try:
-        init_from_env(str(cfg.get("distributed", {}).get("backend", "auto")))
+        main_rank = init_from_env(str(cfg.get("distributed", {}).get("backend", "auto"))).is_main
         metrics = runner(cfg)
     except NapkitError as exc:
         print(f"napkit {stage}: error: {exc}", file=sys.stderr)
         sys.exit(2)
     finally:
         shutdown()
-    if not metrics:  # ranks other than 0 report nothing
+    if not metrics or not main_rank:  # one report per job, from rank 0
         return metrics
     log.info("%s done: %s", stage, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics
