@@ -52,6 +52,19 @@ def cost_summary(model: nn.Module, shape: tuple[int, ...], masks: MaskSet | None
     return {"params": total_params, "params_nonzero": nonzero, "flops": flops, "flops_effective": int(effective)}
 
 
+def compare_to_dense(model: nn.Module, dense: nn.Module, shape: tuple[int, ...], masks: MaskSet | None = None,
+                     latency_repeats: int | None = None) -> dict[str, float]:
+    """Size, FLOPs (and latency if ``latency_repeats``) of a pruned model next to its dense reference."""
+    cost, cost_dense = cost_summary(model, shape, masks), cost_summary(dense, shape)
+    out = {**cost, "params_dense": cost_dense["params"], "flops_dense": cost_dense["flops"],
+           "compression_params": cost_dense["params"] / max(cost["params_nonzero"], 1),
+           "flops_reduction": cost_dense["flops"] / max(cost["flops_effective"], 1)}
+    if latency_repeats:
+        out["latency_ms"] = latency_ms(model, shape, repeats=latency_repeats)
+        out["latency_ms_dense"] = latency_ms(dense, shape, repeats=latency_repeats)
+    return out
+
+
 @torch.inference_mode()
 def latency_ms(model: nn.Module, shape: tuple[int, ...], *, warmup: int = 3, repeats: int = 10) -> float:
     """Median wall-clock milliseconds of one forward pass on the model's device."""

@@ -27,7 +27,7 @@ from napkit.chex.masks import ChannelMasks, chex_layers
 from napkit.chex.trainer import train_chex
 from napkit.data import make_loader
 from napkit.errors import NapkitError
-from napkit.evaluation.cost import cost_summary, input_shape, latency_ms
+from napkit.evaluation.cost import compare_to_dense, cost_summary, input_shape
 from napkit.evaluation.plots import plot_layer_ratios
 from napkit.io import load_tensors, save_tensors
 from napkit.stages.common import load_splits, model_spec, seed_everything, write_csv, write_metrics
@@ -163,15 +163,10 @@ def evaluate_stage(cfg: DictConfig) -> dict[str, float]:
     with stage_run(cfg, "chex_evaluate") as tracker:
         test = evaluate_model(model.to(device), loader, device=device, desc="test")
         model.cpu()
-        cost, cost_dense = cost_summary(model, shape), cost_summary(dense, shape)
-        metrics = {"top1": test["top1"], "top5": test["top5"], "loss": test["loss"], **cost,
-                   "params_dense": cost_dense["params"], "flops_dense": cost_dense["flops"],
-                   "compression_params": cost_dense["params"] / max(cost["params"], 1),
-                   "flops_reduction": cost_dense["flops"] / max(cost["flops"], 1)}
-        e = cfg.get("evaluate")
-        if e is not None and e.get("latency", False):
-            metrics["latency_ms"] = latency_ms(model, shape, repeats=int(e.latency_repeats))
-            metrics["latency_ms_dense"] = latency_ms(dense, shape, repeats=int(e.latency_repeats))
+        e = cfg.get("evaluate") or {}
+        metrics = {"top1": test["top1"], "top5": test["top5"], "loss": test["loss"],
+                   **compare_to_dense(model, dense, shape, latency_repeats=int(e.get("latency_repeats", 0))
+                                      if e.get("latency", False) else None)}
         dense_counts = spec.channels or {}
         full = {l.producer: l.size for l in chex_layers(dense)}
         rows = [{"layer": p, "channels": dense_counts.get(p, n), "dense_channels": n,

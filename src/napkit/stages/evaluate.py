@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from napkit.artifacts import load_model
 from napkit.data import make_loader
 from napkit.distributed import world
-from napkit.evaluation.cost import cost_summary, input_shape, latency_ms, layer_flops
+from napkit.evaluation.cost import compare_to_dense, input_shape, layer_flops
 from napkit.evaluation.plots import plot_layer_ratios
 from napkit.layers import prunable_layers
 from napkit.pruning.masks import MaskSet
@@ -36,20 +36,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     with stage_run(cfg, "evaluate") as tracker:
         test = evaluate(model.to(device), loader, device=device, desc="test")
         test_dense = evaluate(dense.to(device), loader, device=device, desc="test dense")
-        cost = cost_summary(model.cpu(), shape, masks)
-        cost_dense = cost_summary(dense.cpu(), shape)
         metrics = {
             "top1": test["top1"], "top5": test["top5"], "loss": test["loss"],
-            "top1_dense": test_dense["top1"], "top5_dense": test_dense["top5"],
-            **cost,
-            "params_dense": cost_dense["params"], "flops_dense": cost_dense["flops"],
-            "compression_params": cost_dense["params"] / max(cost["params_nonzero"], 1),
-            "flops_reduction": cost_dense["flops"] / max(cost["flops_effective"], 1),
-            "sparsity": masks.sparsity(),
+            "top1_dense": test_dense["top1"], "top5_dense": test_dense["top5"], "sparsity": masks.sparsity(),
+            **compare_to_dense(model.cpu(), dense.cpu(), shape, masks,
+                               int(e.latency_repeats) if e.latency else None),
         }
-        if e.latency:
-            metrics["latency_ms"] = latency_ms(model, shape, repeats=int(e.latency_repeats))
-            metrics["latency_ms_dense"] = latency_ms(dense, shape, repeats=int(e.latency_repeats))
         _, flops = layer_flops(model, shape)
         layers = prunable_layers(model)
         density = masks.layer_density()
