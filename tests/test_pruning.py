@@ -166,3 +166,20 @@ def test_mask_shape_mismatch_is_named() -> None:
     with pytest.raises(NapkitError, match="'0' has shape"):
         MaskSet({"0": torch.ones(5, 5, dtype=torch.bool)}).apply_(model)
     assert math.isclose(MaskSet.dense(model).sparsity(), 0.0)
+
+
+def test_fine_grained_target_is_reached_exactly_once() -> None:
+    """The step that prunes down to the target also satisfies `reached` (no idle iterations after it)."""
+    from napkit.pruning.fine_grained import FineGrainedPruner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(37, 29), nn.ReLU(), nn.Linear(29, 7))
+    masks = MaskSet.dense(model)
+    pruner = FineGrainedPruner(create_importance("magnitude"), step_fraction=0.5, target=0.9,
+                               max_layer_sparsity=0.99)
+    steps = 0
+    while not pruner.reached(model, masks):
+        model, masks = pruner(model, masks, steps + 1)
+        steps += 1
+        assert steps < 10
+    assert steps == 4 and pruner.amount(masks) == 0  # 0.5, 0.75, 0.875, then exactly the target

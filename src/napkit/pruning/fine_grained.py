@@ -55,7 +55,11 @@ class FineGrainedPruner:
         return max(amount, 0)
 
     def reached(self, model: nn.Module, masks: MaskSet | None) -> bool:
-        return self.target is not None and masks is not None and masks.sparsity() >= self.target - 1e-9
+        """Whether no weight is left to prune for the target (the same rounding as :meth:`amount`)."""
+        if self.target is None or masks is None:
+            return False
+        kept, total = masks.counts()
+        return kept <= math.ceil((1.0 - self.target) * total)
 
     @staticmethod
     def measure(model: nn.Module, masks: MaskSet | None) -> dict[str, float]:
