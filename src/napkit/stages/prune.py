@@ -24,7 +24,7 @@ from napkit.errors import unknown_choice
 from napkit.evaluation.cost import input_shape
 from napkit.evaluation.plots import plot_layer_ratios, plot_prune_path
 from napkit.pruning.fine_grained import FineGrainedPruner, target_sparsity
-from napkit.pruning.importance import create_importance
+from napkit.pruning.importance import Importance, create_importance
 from napkit.pruning.loop import IterationRecord, IterativePruner, LoopResult
 from napkit.pruning.masks import MaskSet
 from napkit.stages.common import (checkpoint_path, load_splits, seed_everything, stage_dir, write_csv,
@@ -57,25 +57,37 @@ def _factors_provider(cfg: DictConfig, splits: DataSplits, device: torch.device)
     return provide
 
 
-def _fine_grained(cfg: DictConfig, provider: FactorsProvider) -> dict:
-    """Loop parts for weight pruning with masks."""
+def _weight_criterion(cfg: DictConfig) -> Importance:
+    """The fine-grained criterion ``prune.method`` names, with its settings."""
     p = cfg.prune
     kwargs = {"damping": float(p.damping)} if str(p.method).startswith("nap") else {}
     if p.method == "random":
         kwargs = {"seed": int(cfg.seed)}
-    pruner = FineGrainedPruner(create_importance(str(p.method), **kwargs), step_fraction=float(p.step_fraction),
+    return create_importance(str(p.method), **kwargs)
+
+
+def _channel_method(cfg: DictConfig) -> str:
+    """The channel criterion's registry name (``nap`` ranks per FLOP when ``structured.per_flop``)."""
+    p = cfg.prune
+    return "nap_per_flop" if p.method == "nap" and p.structured.per_flop else str(p.method)
+
+
+def _fine_grained(cfg: DictConfig, provider: FactorsProvider) -> dict:
+    """Loop parts for weight pruning with masks."""
+    p = cfg.prune
+    pruner = FineGrainedPruner(_weight_criterion(cfg), step_fraction=float(p.step_fraction),
                                target=target_sparsity(p.get("target_sparsity"), p.get("target_compression")),
                                allocation=str(p.allocation), max_layer_sparsity=float(p.max_layer_sparsity),
                                compensate=bool(p.compensate), damping=float(p.get("damping", 0.1)),
                                factors=provider)
-    return {"step": pruner, "measure": pruner.measure, "reached": lambda m, k: pruner.reached(m, k)}
+    return {"step": pruner, "measure": pruner.measure, "reached": pruner.reached}
 
 
 def _structured(cfg: DictConfig, dense: nn.Module, spec: ModelSpec, splits: DataSplits,
                 provider: FactorsProvider, device: torch.device) -> dict:
     """Loop parts for channel pruning: physical removal, then BatchNorm recalibration."""
     p, s = cfg.prune, cfg.prune.structured
-    method = "nap_per_flop" if p.method == "nap" and s.per_flop else str(p.method)
+    method = _channel_method(cfg)
     kwargs = {"seed": int(cfg.seed)} if method == "random" else {}
     pruner = StructuredPruner(method, dense, input_shape=input_shape(spec.in_channels, spec.input_size),
                               step_fraction=float(s.step_fraction),
@@ -134,9 +146,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if mode not in MODES:
         raise unknown_choice("prune.mode", mode, MODES)
     if mode == "structured":  # bad names fail before any long work
-        channel_importance_class("nap_per_flop" if p.method == "nap" and p.structured.per_flop else str(p.method))
+        channel_importance_class(_channel_method(cfg))
     else:
-        create_importance(str(p.method), **({"seed": 0} if p.method == "random" else {}))
+        _weight_criterion(cfg)
     model, spec, masks = load_model(stage_dir(cfg, "pretrain"))
     splits = load_splits(cfg)
     device = resolve_device(cfg.device)
