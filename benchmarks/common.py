@@ -167,6 +167,7 @@ class RunConfig:
     recompute_curvature: bool = True  # re-estimate K-FAC on the pruned model every step (else: dense once)
     compensate: bool | None = None  # None: the method's default (METHODS)
     fisher: str = "true"
+    a_max_positions: int | None = 64  # the curvature stage's default lattice cap for conv A
 
     def key(self, dense_key: str) -> str:
         return _key(dense_key, asdict(self))
@@ -207,7 +208,7 @@ def prune_run(dense: nn.Module, splits: DataSplits, test_batches, cfg: RunConfig
             return cache["dense"]
         loader = make_loader(splits.train_plain, batch_size=128, shuffle=True, seed=1000 * cfg.seed + iteration)
         f = estimate_kfac(m, loader, num_samples=cfg.kfac_samples, fisher=cfg.fisher, seed=1000 * cfg.seed + iteration,
-                          progress=False)
+                          a_max_positions=cfg.a_max_positions, progress=False)
         cache["dense"] = f
         return f
 

@@ -16,6 +16,7 @@ from napkit.curvature import (
     all_reduce_factors,
     conv_patches,
     estimate_kfac,
+    lattice_step,
     load_factors,
     merge_factors,
     model_fingerprint,
@@ -206,10 +207,56 @@ def test_conv_patches_reproduce_conv(conv):
     conv = conv.double()
     x = torch.randn(3, 2, 5, 6, dtype=torch.float64)
     out = conv(x)
-    s = conv_patches(conv, x) @ conv.weight.view(3, -1).T.detach()
+    s = conv_patches(conv, x).transpose(1, 2) @ conv.weight.view(3, -1).T.detach()
     if conv.bias is not None:
         s = s + conv.bias.detach()
     torch.testing.assert_close(s, out.flatten(2).transpose(1, 2).detach())
+
+
+@pytest.mark.parametrize(("h", "w", "cap", "step"), [(6, 6, None, 1), (6, 6, 36, 1), (6, 6, 9, 2), (6, 6, 4, 3),
+                                                     (32, 32, 64, 4), (7, 5, 1, 7)])
+def test_lattice_step_is_the_smallest_that_fits(h, w, cap, step):
+    assert lattice_step(h, w, cap) == step
+    if cap is not None:
+        assert math.ceil(h / step) * math.ceil(w / step) <= cap
+        assert step == 1 or math.ceil(h / (step - 1)) * math.ceil(w / (step - 1)) > cap
+
+
+def test_lattice_patches_are_the_lattice_positions_of_all_patches():
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1).double()
+    x = torch.randn(2, 2, 11, 9, dtype=torch.float64)
+    full = conv_patches(conv, x)  # output grid 6 x 5
+    sub = conv_patches(conv, x, lattice=3)
+    keep = [i * 5 + j for i in range(0, 6, 3) for j in range(0, 5, 3)]
+    torch.testing.assert_close(sub, full[:, :, keep], rtol=0, atol=0)
+
+
+def test_a_max_positions_uses_the_lattice_for_a_and_every_position_for_g(model, data):
+    """conv1 has a 6x6 output grid: a cap of 9 keeps positions (0,2,4)^2 for A; G is unchanged."""
+    x, y = data
+    loader = batches(x, y)
+    full = estimate(model, loader, fisher="empirical")
+    capped = estimate(model, loader, fisher="empirical", a_max_positions=9)
+    a1 = brute_inputs(model, x)[0]  # [N, 36, d_in + 1]
+    keep = [i * 6 + j for i in range(0, 6, 2) for j in range(0, 6, 2)]
+    lattice = a1[:, keep]
+    torch.testing.assert_close(capped["conv1"].A, torch.einsum("nti,ntj->ij", lattice, lattice) / (N * 9))
+    for name in full:
+        torch.testing.assert_close(capped[name].G, full[name].G, rtol=0, atol=0)
+        assert capped[name].positions == full[name].positions
+    for name in ("conv2", "fc"):  # T = 4 and 1: under the cap, untouched
+        torch.testing.assert_close(capped[name].A, full[name].A, rtol=0, atol=0)
+
+
+def test_wide_layers_accumulate_the_upper_blocks_and_mirror_them():
+    """d_in = 300 and d_out = 260 go through the block-triangular GEMMs; A and G must equal x^T x."""
+    fc = nn.Linear(300, 260, bias=False).double()
+    x = torch.randn(40, 300, dtype=torch.float64)
+    y = torch.randint(0, 260, (40,))
+    got = estimate(fc, [(x[:24], y[:24]), (x[24:], y[24:])], fisher="empirical")[""]
+    torch.testing.assert_close(got.A, x.T @ x / 40)
+    g = torch.softmax(fc(x), 1).detach() - F.one_hot(y, 260).double()
+    torch.testing.assert_close(got.G, g.T @ g / 40)
 
 
 def test_weight_with_bias_layout(model):

@@ -7,6 +7,7 @@ from napkit.curvature.kfac import (
     all_reduce_factors,
     conv_patches,
     estimate_kfac,
+    lattice_step,
     merge_factors,
     sample_labels,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "all_reduce_factors",
     "conv_patches",
     "estimate_kfac",
+    "lattice_step",
     "load_factors",
     "merge_factors",
     "model_fingerprint",

@@ -47,15 +47,52 @@ def inverse_cdf_labels(logits: Tensor, uniforms: Tensor) -> Tensor:
     return (cdf < uniforms.double().unsqueeze(1)).sum(dim=1).clamp(max=logits.shape[1] - 1)
 
 
-def conv_patches(layer: nn.Conv2d, x: Tensor) -> Tensor:
-    """Unfolded input patches ``[B, T, C_in * kh * kw]`` in the order of ``weight.view(C_out, -1)``.
+def conv_patches(layer: nn.Conv2d, x: Tensor, lattice: int = 1) -> Tensor:
+    """Unfolded input patches ``[B, C_in * kh * kw, T]`` in the order of ``weight.view(C_out, -1)``.
 
     Padding goes through ``F.pad`` with the layer's own padding (any padding mode, 'same').
+    ``lattice = s > 1`` keeps only the output positions ``(s*i, s*j)``: every s-th row and column.
     """
     mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
     x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
-    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)
-    return cols.transpose(1, 2)
+    stride = tuple(st * lattice for st in layer.stride)
+    return F.unfold(x, layer.kernel_size, dilation=layer.dilation, stride=stride)
+
+
+def lattice_step(height: int, width: int, max_positions: int | None) -> int:
+    """Smallest step s with ``ceil(height/s) * ceil(width/s) <= max_positions`` (1: every position)."""
+    if max_positions is None:
+        return 1
+    step = 1
+    while -(-height // step) * -(-width // step) > max_positions:
+        step += 1
+    return step
+
+
+def _add_outer_products(total: Tensor, m: Tensor) -> None:
+    """Add ``sum_b m[b] @ m[b]^T`` (``m``: ``[b, d, T]``) to the upper block triangle of ``total``, in place.
+
+    Blocks below the diagonal are left stale; :func:`_upper_to_symmetric` restores them at the end.
+    Many positions: one GEMM per example on the contiguous ``[d, T]`` slices, no transposed copy of
+    the unfolded tensor. Few positions: one ``[b*T, d]`` matrix, and only the diagonal and upper
+    column blocks are multiplied, which skips up to half the work (both measured 1.5-2.5x faster
+    than a plain ``a.T @ a`` on CPU).
+    """
+    b, d, positions = m.shape
+    if positions >= 256:
+        for example in m:
+            total.addmm_(example, example.T)
+        return
+    flat = m.transpose(1, 2).reshape(b * positions, d)
+    blocks = min(8, max(1, d // 128))
+    edges = [round(i * d / blocks) for i in range(blocks + 1)]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        total[lo:hi, lo:].addmm_(flat[:, lo:hi].T, flat[:, lo:])
+
+
+def _upper_to_symmetric(m: Tensor) -> Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is that of ``m``."""
+    return torch.triu(m) + torch.triu(m, 1).T
 
 
 @dataclass
@@ -66,6 +103,7 @@ class _LayerSums:
     block: int | None
     dtype: torch.dtype
     device: torch.device
+    a_max_positions: int | None = None
     aa: Tensor = field(init=False)
     a_sum: Tensor = field(init=False)
     gg: Tensor = field(init=False)
@@ -84,49 +122,50 @@ class _LayerSums:
     def add(self, x: Tensor, grad: Tensor, chunk_size: int) -> None:
         """Add one batch: layer input ``x`` and output gradient ``grad``, ``chunk_size`` examples at a time."""
         for start in range(0, x.shape[0], chunk_size):
-            a = self._inputs(x[start : start + chunk_size])
-            g = self._grads(grad[start : start + chunk_size])
-            self._check_positions(a.shape[1], g.shape[1])
-            self._add_inputs(a.reshape(-1, a.shape[-1]).to(self.dtype))
-            g = g.reshape(-1, g.shape[-1]).to(self.dtype)
-            self.gg += g.T @ g
+            g = self._grads(grad[start : start + chunk_size]).to(self.dtype)
+            self._check_positions(g)
+            self._add_inputs(self._inputs(x[start : start + chunk_size], g.shape[-2:]).to(self.dtype))
+            g = g.flatten(2)
+            _add_outer_products(self.gg, g)
         self.examples += x.shape[0]
 
-    def _inputs(self, x: Tensor) -> Tensor:
-        """Per-position inputs ``[b, T, d_in]``."""
+    def _inputs(self, x: Tensor, grid: torch.Size) -> Tensor:
+        """Per-position inputs ``[b, d_in, T_A]``; a conv keeps a lattice of at most ``a_max_positions``."""
         if isinstance(self.layer, nn.Conv2d):
-            return conv_patches(self.layer, x.detach())
-        return x.detach().reshape(x.shape[0], -1, x.shape[-1])
+            return conv_patches(self.layer, x.detach(), lattice_step(grid[0], grid[1], self.a_max_positions))
+        return x.detach().reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 2)
 
     def _grads(self, g: Tensor) -> Tensor:
-        """Per-position output gradients ``[b, T, d_out]``."""
+        """Per-position output gradients ``[b, d_out, H, W]`` (Linear: ``W = 1``)."""
         if isinstance(self.layer, nn.Conv2d):
-            return g.flatten(2).transpose(1, 2)
-        return g.reshape(g.shape[0], -1, g.shape[-1])
+            return g
+        return g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2).unsqueeze(3)
 
-    def _check_positions(self, from_inputs: int, from_grads: int) -> None:
-        if from_inputs != from_grads or self.positions not in (None, from_inputs):
+    def _check_positions(self, g: Tensor) -> None:
+        positions = g.shape[2] * g.shape[3]
+        if self.positions not in (None, positions):
             raise NapkitError(
-                f"inconsistent output positions for {type(self.layer).__name__}: inputs give {from_inputs}, "
-                f"gradients give {from_grads}, earlier batches gave {self.positions}; inputs must have one size"
+                f"inconsistent output positions for {type(self.layer).__name__}: this batch gives {positions}, "
+                f"earlier batches gave {self.positions}; inputs must have one size"
             )
-        self.positions = from_inputs
+        self.positions = positions
 
     def _add_inputs(self, a: Tensor) -> None:
-        self.rows += a.shape[0]
+        """Add ``[b, d_in, T]`` inputs to the sums of ``a a^T`` (dense or per-block) and of ``a``."""
+        self.rows += a.shape[0] * a.shape[2]
         if self.block:
-            blocks = a.reshape(a.shape[0], -1, self.block)
-            self.aa += torch.einsum("mnb,mnc->nbc", blocks, blocks)
+            blocks = a.reshape(a.shape[0], -1, self.block, a.shape[2])
+            self.aa += torch.einsum("bnkt,bnlt->nkl", blocks, blocks)
         else:
-            self.aa += a.T @ a
-            self.a_sum += a.sum(0)
+            _add_outer_products(self.aa, a)
+            self.a_sum += a.sum((0, 2))
 
     def factors(self) -> KFACFactors:
         """Divide the sums: A by the number of example-positions, G by the number of examples."""
         has_bias = self.layer.bias is not None
-        a = self.aa / self.rows
+        a = self.aa / self.rows if self.block else _upper_to_symmetric(self.aa) / self.rows
         common: dict[str, Any] = {
-            "G": self.gg / self.examples,
+            "G": _upper_to_symmetric(self.gg) / self.examples,
             "num_samples": self.examples,
             "has_bias": has_bias,
             "positions": int(self.positions or 1),
@@ -261,6 +300,7 @@ def estimate_kfac(
     num_samples: int = 1024,
     chunk_size: int = 64,
     max_dense_dim: int = 8192,
+    a_max_positions: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -275,14 +315,20 @@ def estimate_kfac(
     (not averaged) so ``g`` is each example's own gradient. Stops after ``num_samples`` examples
     (the last batch is truncated). Conv inputs are unfolded ``chunk_size`` examples at a time.
     Sums accumulate in ``dtype``. A layer with ``d_in > max_dense_dim`` gets a block-diagonal A
-    (:func:`a_block_size`).
+    (:func:`a_block_size`). ``a_max_positions`` caps the output positions per example that enter a
+    conv layer's A: a regular lattice (every s-th row and column, :func:`lattice_step`) instead of
+    all T positions. A is an average over N*T rows, far more than its size, and it dominates the
+    cost (d_in/C_out times the layer's forward); G always uses every position.
     """
     counts = {"num_samples": num_samples, "chunk_size": chunk_size, "max_dense_dim": max_dense_dim}
+    if a_max_positions is not None:
+        counts["a_max_positions"] = a_max_positions
     chosen = _check_args(model, layers, fisher, counts)
     device = torch.device(device)
     channels = _channels_before(model)
     sums = [
-        _LayerSums(m, a_block_size(m, max_dense_dim, channels.get(id(m))), dtype, device) for m in chosen.values()
+        _LayerSums(m, a_block_size(m, max_dense_dim, channels.get(id(m))), dtype, device, a_max_positions)
+        for m in chosen.values()
     ]
     generator = torch.Generator(device=device).manual_seed(seed)
     recorder = _Recorder(chosen)
@@ -319,6 +365,8 @@ def _add_batch(
     uniforms: Tensor | None = None,
 ) -> None:
     """One forward/backward pass; add every layer's inputs and per-example output gradients."""
+    if x.is_floating_point():
+        x = x.detach().requires_grad_(True)
     logits = model(x)
     if fisher == "empirical":
         labels = y
@@ -327,9 +375,10 @@ def _add_batch(
     else:
         labels = sample_labels(logits, generator)
     loss = F.cross_entropy(logits, labels, reduction="sum")
-    # Differentiating w.r.t. the weights (result discarded) runs the output-gradient hooks
-    # without touching any parameter's .grad.
-    torch.autograd.grad(loss, [s.layer.weight for s in sums], allow_unused=True)
+    # Differentiating w.r.t. the input (result discarded) runs the output-gradient hooks without
+    # computing any weight gradient or touching any parameter's .grad.
+    wrt = [x] if x.requires_grad else [s.layer.weight for s in sums]
+    torch.autograd.grad(loss, wrt, allow_unused=True)
     for s, (inp, g) in zip(sums, recorder.take()):
         s.add(inp, g, chunk_size)
 

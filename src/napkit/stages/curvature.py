@@ -58,6 +58,7 @@ def estimate(model: torch.nn.Module, dataset: Dataset, cfg: DictConfig, *, seed:
     loader = make_loader(samples, batch_size=int(c.batch_size), shuffle=False, seed=seed)
     factors = estimate_kfac(model.to(device), loader, fisher=str(c.fisher), num_samples=len(samples),
                             chunk_size=int(c.chunk_size), max_dense_dim=int(c.max_dense_dim),
+                            a_max_positions=None if c.a_max_positions is None else int(c.a_max_positions),
                             dtype=DTYPES[str(c.dtype)], device=device, seed=seed, progress=progress and w.is_main)
     return all_reduce_factors(factors) if w.distributed else factors
 
