@@ -328,6 +328,24 @@ def test_uniform_allocation_removes_the_same_share_of_every_group() -> None:
     assert all(after[n] == before[n] - round(0.5 * before[n]) for n in before)
 
 
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_round_to_keeps_multiples_and_still_reaches_the_target(allocation: str) -> None:
+    model = small("resnet50_small")
+    before = channel_counts(model)
+    pruner = StructuredPruner("l1", model, input_shape=SHAPE, step_fraction=1.0, target_flops_reduction=2.0,
+                              allocation=allocation, round_to=4)
+    pruned = pruner(model, 1)
+    after = channel_counts(pruned)
+    changed = {n: c for n, c in after.items() if c != before[n]}
+    assert changed and all(c % 4 == 0 for c in changed.values())
+    assert pruner.reached(pruned)
+    unrounded = StructuredPruner("l1", model, input_shape=SHAPE, step_fraction=1.0, target_flops_reduction=2.0,
+                                 allocation=allocation)
+    assert any(c % 4 for c in channel_counts(unrounded(model, 1)).values())  # rounding changed something
+    with pytest.raises(NapkitError, match="round_to must be >= 1"):
+        StructuredPruner("l1", model, input_shape=SHAPE, step_fraction=1.0, round_to=0)
+
+
 def test_nap_step_on_current_model_factors() -> None:
     model = small("alexnet_small")
     x, y = torch.randn(32, 3, SIZE, SIZE), torch.randint(0, 10, (32,))

@@ -94,7 +94,7 @@ def _structured(cfg: DictConfig, dense: nn.Module, spec: ModelSpec, splits: Data
                               target_flops_reduction=s.get("target_flops_reduction"),
                               target_params_reduction=s.get("target_params_reduction"),
                               allocation=str(p.allocation), max_group_sparsity=float(s.max_group_sparsity),
-                              factors_provider=provider, damping=float(p.get("damping", 0.1)), **kwargs)
+                              round_to=int(s.get("round_to", 1)), factors_provider=provider, damping=float(p.get("damping", 0.1)), **kwargs)
     dense_sizes = {g.id: g.size for g in channel_groups(dense)}
 
     def step(model: nn.Module, masks: MaskSet | None, it: int) -> tuple[nn.Module, None]:
