@@ -1,14 +1,17 @@
 """Atomic file writes and safe checkpoint loading.
 
 Every output is written to a temporary file in the same directory and renamed into place,
-so a process killed mid-write leaves either the old file or none, never a half-written one.
+so a process killed mid-write leaves either the old file or none, never a half-written one
+(the next write of that file removes the killed writer's temporary file).
 Checkpoints are loaded with ``weights_only=True``: a file that carries pickled code is refused.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,12 +24,45 @@ from safetensors.torch import load_file, save_file
 from napkit.errors import NapkitError
 
 
+_HOST = socket.gethostname()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Delete the temporary files that writers of ``target`` killed mid-write left behind.
+
+    A temporary file is named ``.<name>.<host>.<pid>.<random>.tmp``; it is stale when its writer ran on
+    this host and is gone. Files of live writers and of other hosts (a shared filesystem) are kept.
+    """
+    removed = []
+    for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        owner = tmp.name[len(target.name) + 2 : -len(".tmp")].rsplit(".", 2)
+        if len(owner) == 3 and owner[0] == _HOST and owner[1].isdigit() and not _alive(int(owner[1])):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds.
+
+    Temporary files that an earlier, killed writer of ``path`` left behind are removed first.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temps(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
