@@ -6,8 +6,9 @@ import time
 
 from omegaconf import DictConfig
 
-from napkit.artifacts import load_model, save_model
+from napkit.artifacts import MASKS, MODEL_JSON, MODEL_WEIGHTS, load_model, save_model
 from napkit.distributed import world
+from napkit.hashing import file_digest
 from napkit.stages.common import (checkpoint_path, load_splits, seed_everything, stage_dir, stage_key, write_csv,
                                   write_metrics)
 from napkit.tracking import stage_run
@@ -21,12 +22,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     model, spec, masks = load_model(stage_dir(cfg, "prune"))
     splits = load_splits(cfg)
     out = stage_dir(cfg, "finetune")
+    # resume only from a checkpoint of this config AND this pruned model (a rerun prune stage invalidates it)
+    src = stage_dir(cfg, "prune")
+    run_key = f"{stage_key(cfg, 'finetune')}-{file_digest(src / MODEL_JSON, src / MODEL_WEIGHTS, src / MASKS)}"
     t0 = time.perf_counter()
     with stage_run(cfg, "finetune") as tracker:
         history = fit(model, splits.train, splits.val, cfg=cfg.finetune, masks=masks,
                       batch_size=int(cfg.data.batch_size), eval_batch_size=int(cfg.data.eval_batch_size),
                       seed=int(cfg.seed), device=resolve_device(cfg.device),
-                      checkpoint=checkpoint_path(cfg, "finetune"), run_key=stage_key(cfg, "finetune"),
+                      checkpoint=checkpoint_path(cfg, "finetune"), run_key=run_key,
                       on_epoch=lambda epoch, row: tracker.log_metrics(row, step=epoch), desc="finetune")
         model.cpu()
         last = history[-1] if history else {}

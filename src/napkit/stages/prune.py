@@ -16,13 +16,14 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from napkit.artifacts import ModelSpec, load_model, save_model
+from napkit.artifacts import MASKS, MODEL_WEIGHTS, ModelSpec, load_model, save_model
 from napkit.curvature import KFACFactors, load_factors
 from napkit.data import DataSplits, make_loader
 from napkit.distributed import world
 from napkit.errors import unknown_choice
 from napkit.evaluation.cost import input_shape
 from napkit.evaluation.plots import plot_layer_ratios, plot_prune_path
+from napkit.hashing import file_digest
 from napkit.pruning.fine_grained import FineGrainedPruner, target_sparsity
 from napkit.pruning.importance import Importance, create_importance
 from napkit.pruning.loop import IterationRecord, IterativePruner, LoopResult
@@ -39,6 +40,7 @@ from napkit.training.engine import evaluate, resolve_device
 from napkit.training.trainer import fit
 
 MODES = ("fine_grained", "structured")
+FACTORS = "factors.safetensors"
 FactorsProvider = Callable[[nn.Module, int], dict[str, KFACFactors]]
 
 
@@ -49,7 +51,7 @@ def _factors_provider(cfg: DictConfig, splits: DataSplits, device: torch.device)
     def provide(model: nn.Module, iteration: int) -> dict[str, KFACFactors]:
         if iteration == 1 or not cfg.prune.get("recompute_curvature", True):
             if "stage" not in cache:
-                cache["stage"], _ = load_factors(stage_dir(cfg, "curvature") / "factors.safetensors", model)
+                cache["stage"], _ = load_factors(stage_dir(cfg, "curvature") / FACTORS, model)
             return cache["stage"]
         return estimate(model, splits.train_plain, cfg, seed=int(cfg.seed) + iteration, device=device,
                         progress=False)
@@ -161,12 +163,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
         tolerance = float(p.tolerance)
     val_loader = make_loader(splits.val, batch_size=int(cfg.data.eval_batch_size), shuffle=False, seed=0)
     batch = int(cfg.data.batch_size)
+    # resume only from checkpoints of this config AND these input files (a rerun upstream stage invalidates them)
+    dense, factors = stage_dir(cfg, "pretrain"), stage_dir(cfg, "curvature") / FACTORS
+    key = f"{pipeline_id(cfg)}-{file_digest(dense / MODEL_WEIGHTS, dense / MASKS, factors)}"
 
     def finetune(m: nn.Module, mk: MaskSet | None, it: int) -> None:
         seed_everything(int(cfg.seed) + it)
         fit(m, splits.train, splits.val, cfg=cfg.finetune, epochs=int(p.finetune_epochs), masks=mk,
             batch_size=batch, eval_batch_size=int(cfg.data.eval_batch_size), seed=int(cfg.seed) + it,
-            device=device, checkpoint=checkpoint_path(cfg, f"prune_iter{it}"), run_key=f"{pipeline_id(cfg)}-{it}",
+            device=device, checkpoint=checkpoint_path(cfg, f"prune_iter{it}"), run_key=f"{key}-{it}",
             desc=f"prune {it} finetune")
 
     out = stage_dir(cfg, "prune")
@@ -175,7 +180,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                                validate=lambda m: evaluate(m, val_loader, device=device, desc="prune val"),
                                on_record=lambda rec: _log_record(tracker, rec), **parts)
         model, masks, result = loop.run(model.to(device), masks, checkpoint=checkpoint_path(cfg, "prune_loop"),
-                                        fingerprint=pipeline_id(cfg))
+                                        fingerprint=key)
         model.cpu()
         if not world().is_main:  # the other ranks held identical models and masks
             return {}
