@@ -54,6 +54,21 @@ class FineGrainedPruner:
             amount = min(amount, kept - math.ceil((1.0 - self.target) * total))
         return max(amount, 0)
 
+    def check_reachable(self, masks: MaskSet) -> None:
+        """Fail before any work when the per-layer cap and the weight every output unit keeps rule the
+        target out (the loop would otherwise prune until it cannot and stop short of it)."""
+        if self.target is None:
+            return
+        _, total = masks.counts()
+        least = sum(max(m.numel() - math.floor(self.max_layer_sparsity * m.numel()), m.shape[0] if m.dim() else 1)
+                    for m in masks.masks.values())
+        if least > math.ceil((1.0 - self.target) * total):
+            raise NapkitError(
+                f"target sparsity {self.target:.4g} cannot be reached: with max_layer_sparsity="
+                f"{self.max_layer_sparsity} and one weight kept per output unit, at most {1 - least / total:.4g} "
+                f"(compression {total / least:.3g}x); lower prune.target_sparsity / prune.target_compression "
+                f"or raise prune.max_layer_sparsity")
+
     def reached(self, model: nn.Module, masks: MaskSet | None) -> bool:
         """Whether no weight is left to prune for the target (the same rounding as :meth:`amount`)."""
         if self.target is None or masks is None:

@@ -160,6 +160,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         tolerance = float(p.structured.tolerance)
     else:
         parts, masks = _fine_grained(cfg, provider), masks or MaskSet.dense(model)
+        parts["step"].check_reachable(masks)  # an unreachable target fails before any work
         tolerance = float(p.tolerance)
     val_loader = make_loader(splits.val, batch_size=int(cfg.data.eval_batch_size), shuffle=False, seed=0)
     batch = int(cfg.data.batch_size)
