@@ -62,7 +62,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+    prefix = f".{target.name}.{_HOST}.{os.getpid()}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -123,7 +124,7 @@ def load_torch(path: str | os.PathLike[str]) -> Any:
     except Exception as exc:  # torch raises UnpicklingError or RuntimeError for unsafe/corrupt files
         raise NapkitError(
             f"cannot load checkpoint {p} with weights_only=True (corrupt, or it contains pickled code): "
-            f"{str(exc).splitlines()[0]}"
+            f"{str(exc).splitlines()[0]}; delete it to start the stage over"
         ) from exc
 
 
