@@ -24,10 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from napkit.distributed import world
 from napkit.hashing import fingerprint
+from napkit.io import write_json
 
 log = logging.getLogger(__name__)
 
 PIPELINE_TAG = "napkit.pipeline"
+PENDING_FILE = "tracking_pending.json"
 _EXCLUDED_FROM_ID = ("tracking", "paths", "device")
 
 
@@ -71,11 +73,14 @@ class StageTracker:
 
     Tracking never costs a result: if the store fails mid-stage, the tracker warns once, turns
     itself off and the stage finishes with its outputs on disk (``failed`` tells the caller).
+    Every call the store did not take is kept in ``missed`` (JSON-able records) so that
+    ``napkit.tracking.upload`` can replay them later.
     """
 
     def __init__(self, client: MlflowClient | None, run_id: str | None, stage: str) -> None:
         self.client, self.run_id, self.stage = client, run_id, stage
         self.failed = False
+        self.missed: list[dict[str, Any]] = []
 
     @property
     def enabled(self) -> bool:
@@ -88,38 +93,51 @@ class StageTracker:
                         self.stage, type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
         self.client, self.failed = None, True
 
-    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+    def _call(self, fn: Any, *args: Any, record: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """Run one store call; a failure turns tracking off, and ``record`` (the call) is kept in ``missed``."""
         if self.client is None:
+            if self.failed and record is not None:
+                self.missed.append(record)
             return
         try:
             fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any store error must not stop the stage
             self.fail(exc)
+            if record is not None:
+                self.missed.append(record)
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self._call(lambda batch: self.client.log_batch(self.run_id, params=batch), items[i : i + 100])
+            batch = items[i : i + 100]
+            self._call(lambda: self.client.log_batch(self.run_id, params=batch),
+                       record={"op": "params", "params": {p.key: p.value for p in batch}})
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None, prefix: str | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, prefix: str | None = None,
+                    timestamp: int | None = None) -> None:
         pre = f"{self.stage}/" if prefix is None else prefix
-        ts = int(time.time() * 1000)
+        ts = int(time.time() * 1000) if timestamp is None else timestamp
         items = [Metric(f"{pre}{k}", float(v), ts, step or 0) for k, v in metrics.items()]
         for i in range(0, len(items), 500):
-            self._call(lambda batch: self.client.log_batch(self.run_id, metrics=batch), items[i : i + 500])
+            batch = items[i : i + 500]
+            self._call(lambda: self.client.log_batch(self.run_id, metrics=batch),
+                       record={"op": "metrics", "metrics": {m.key: m.value for m in batch}, "step": step or 0,
+                               "timestamp": ts})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if not Path(path).exists():
             return
         target = artifact_path or self.stage
+        record = {"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": target}
         if Path(path).is_dir():
-            self._call(lambda: self.client.log_artifacts(self.run_id, str(path), target))
+            self._call(lambda: self.client.log_artifacts(self.run_id, str(path), target), record=record)
         else:
-            self._call(lambda: self.client.log_artifact(self.run_id, str(path), target))
+            self._call(lambda: self.client.log_artifact(self.run_id, str(path), target), record=record)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
-            self._call(lambda: self.client.set_tag(self.run_id, k, str(v)))
+            self._call(lambda: self.client.set_tag(self.run_id, k, str(v)),
+                       record={"op": "tags", "tags": {k: str(v)}})
 
 
 def _resolve_run(client: MlflowClient, cfg: DictConfig, stage: str) -> tuple[str, bool]:
@@ -171,8 +189,24 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageTracker]:
         raise
     tracker.set_tags({f"napkit.stage.{stage}": "done"})
     tracker._call(lambda: tracker.client.set_terminated(tracker.run_id, status="FINISHED"))
+    marker = pending_path(cfg, stage)
     if tracker.failed:
-        log.warning("%s: finished UNTRACKED (MLflow store %s failed); outputs are on disk; rerun the stage "
-                    "once the store is back to record it", stage, uri)
+        write_json(marker, {"stage": stage, "uri": uri, "run_id": tracker.run_id,
+                            "config": OmegaConf.to_container(cfg, resolve=True), "calls": tracker.missed})
+        log.warning("%s: finished UNTRACKED (MLflow store %s failed); outputs are on disk; once the store is "
+                    "back, `python -m napkit.tracking.upload %s` records what was missed", stage, uri, marker)
     else:
+        marker.unlink(missing_ok=True)  # tracked now: an older pending upload is obsolete
         log.info("%s: tracked in MLflow run %s (%s)", stage, tracker.run_id, uri)
+
+
+def pending_path(cfg: DictConfig, stage: str) -> Path:
+    """Where a stage that finished untracked keeps the calls the store missed:
+    ``<stage folder>/tracking_pending.json``."""
+    from napkit.stages.common import stage_dir  # the stages import this module
+
+    try:
+        folder = stage_dir(cfg, stage)
+    except ValueError:  # a stage outside the DVC pipeline (no content-addressed key)
+        folder = Path(cfg.paths.artifacts) / stage
+    return folder / PENDING_FILE
