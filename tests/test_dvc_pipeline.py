@@ -21,26 +21,30 @@ FAST = ["train.epochs=2", "finetune.epochs=1", "prune.max_iterations=2", "prune.
         "data.subset_train=400"]
 
 
-def _dvc(repo: Path, *args: str) -> str:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+def _dvc(repo: Path, *args: str, uri: str | None = None, **env_vars: str) -> str:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri or f"sqlite:///{repo / 'mlflow.db'}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **env_vars}
     env.pop("MLFLOW_RUN_ID", None)
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A scratch clone of the project's pipeline files in a fresh git repo, with fast params."""
-    repo = tmp_path_factory.mktemp("napkit_repo")
+def _scratch_repo(repo: Path, overrides: list[str]) -> Path:
+    """A scratch clone of the project's pipeline files in a fresh git repo, with ``overrides`` as params."""
     for name in ("conf", "pipelines", "src", ".dvc"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__"))
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
-    write_params(repo, overrides=FAST)
+    write_params(repo, overrides=overrides)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     return repo
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A scratch clone of the project's pipeline files in a fresh git repo, with fast params."""
+    return _scratch_repo(tmp_path_factory.mktemp("napkit_repo"), FAST)
 
 
 @pytest.mark.slow
@@ -79,3 +83,35 @@ def test_dvc_repro_end_to_end(repo: Path) -> None:
         assert f"Running stage '{stage}'" in out
     runs = client.search_runs([client.get_experiment_by_name("napkit").experiment_id])
     assert len(runs) == 2  # a new pipeline execution is a new run
+
+
+@pytest.mark.slow
+def test_dvc_repro_completes_when_the_tracking_server_is_unreachable(tmp_path: Path) -> None:
+    """MLFLOW_TRACKING_URI names a server nobody listens on: every stage still runs and writes its
+    metrics, says that tracking failed, and leaves what MLflow missed for `napkit.tracking.upload`."""
+    repo = _scratch_repo(tmp_path / "repo", [*FAST, "model=lenet5", "train.epochs=1", "prune.max_iterations=1",
+                                             "curvature.num_samples=64", "data.subset_train=256"])
+    stages = ("pretrain", "curvature", "prune", "finetune", "evaluate")
+    out = _dvc(repo, "repro", uri="http://127.0.0.1:9", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    for stage in stages:
+        assert f"Running stage '{stage}'" in out
+        assert f"{stage}: MLflow tracking failed" in out and f"{stage}: finished UNTRACKED" in out
+        assert json.loads((repo / f"artifacts/{stage}/metrics.json").read_text())
+        assert (repo / f"artifacts/{stage}/tracking_pending.json").is_file()
+    assert {"top1", "params_nonzero", "flops_effective"} <= set(
+        json.loads((repo / "artifacts/evaluate/metrics.json").read_text()))
+    assert not (repo / "mlflow.db").exists()
+
+    # the store is back: one command records the whole pipeline in one run
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    env.pop("MLFLOW_RUN_ID", None)
+    proc = subprocess.run([sys.executable, "-m", "napkit.tracking.upload", "artifacts"], cwd=repo, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(repo.glob("artifacts/*/tracking_pending.json"))
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("napkit").experiment_id])
+    assert {f"napkit.stage.{s}" for s in stages} <= set(run.data.tags)
+    for key in ("pretrain/val_top1", "prune/sparsity", "finetune/val_top1", "evaluate/top1"):
+        assert key in run.data.metrics, key
