@@ -7,7 +7,7 @@ Under DVC: `--config-dir . --config-name params` runs on the tracked `params.yam
 import hydra
 from omegaconf import DictConfig
 
-from napkit.entrypoint import run_stage
+from napkit.entrypoint import check_command_line, run_stage
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -16,4 +16,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("pretrain", __file__)  # a bad config group option: one line, before Hydra
     main()

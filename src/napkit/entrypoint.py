@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -14,6 +15,44 @@ from napkit.errors import NapkitError
 from napkit.stages import STAGES
 
 log = logging.getLogger("napkit")
+
+_FLAGS_WITH_VALUE = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
+
+
+def bad_group_override(argv: Sequence[str], conf_dirs: Sequence[Path]) -> str | None:
+    """One line for the first ``group=option`` override whose option is in none of ``conf_dirs/<group>/``.
+
+    Hydra would report it over many lines; plain values, sweeps (``a,b``), Hydra's own groups and
+    keys that are not config groups are left to Hydra.
+    """
+    args = list(argv)
+    for i, arg in enumerate(args):
+        if arg.startswith("-") or "=" not in arg or (i and args[i - 1] in _FLAGS_WITH_VALUE):
+            continue
+        key, value = arg.split("=", 1)
+        group = key.lstrip("+~").split("@", 1)[0]
+        folders = [d / group for d in conf_dirs if (d / group).is_dir()]
+        if not folders or group.startswith("hydra") or not value or any(c in value for c in ",()[]{}$*"):
+            continue
+        options = sorted({p.stem for f in folders for p in f.glob("*.yaml")})
+        if value != "null" and value not in options:
+            return (f"invalid override '{arg}': no option '{value}' in config group '{group}'; "
+                    f"valid choices: {', '.join(options)}")
+    return None
+
+
+def check_command_line(stage: str, script: str, argv: Sequence[str] | None = None) -> None:
+    """Before Hydra composes: a config group option that does not exist exits with status 2 and one line.
+
+    ``script`` is the entrypoint's ``__file__`` (its ``../conf`` is searched, and ``--config-dir``).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    dirs = [Path(script).resolve().parents[1] / "conf"]
+    dirs += [Path(args[i + 1]) for i, a in enumerate(args[:-1]) if a in ("--config-dir", "-cd")]
+    message = bad_group_override(args, dirs)
+    if message:
+        print(f"napkit {stage}: error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_stage(stage: str, cfg: DictConfig,
