@@ -342,3 +342,19 @@ def test_next_write_removes_a_killed_writers_temporary_file(tmp_path: Path) -> N
     assert target.read_text() == "whole"
     assert not stale.exists() and live.exists() and remote.exists() and other.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (target, live, remote, other))
+
+
+def test_atomic_writes_follow_the_umask(tmp_path: Path) -> None:
+    """Outputs get 0666 minus the umask like any file (mkstemp's private 0600 would lock others out)."""
+    old = os.umask(0o022)
+    try:
+        import napkit.io as io
+
+        saved, io._UMASK = io._UMASK, 0o022
+        try:
+            path = write_text(tmp_path / "metrics.json", "{}")
+        finally:
+            io._UMASK = saved
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

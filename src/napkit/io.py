@@ -25,6 +25,8 @@ from napkit.errors import NapkitError
 
 
 _HOST = socket.gethostname()
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _alive(pid: int) -> bool:
@@ -64,6 +66,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     remove_stale_temps(target)
     prefix = f".{target.name}.{_HOST}.{os.getpid()}."
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual umask-based mode
     os.close(fd)
     try:
         yield Path(tmp)
