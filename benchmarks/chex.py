@@ -178,6 +178,10 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", type=float, default=None)
     ap.add_argument("--methods", nargs="+", default=["chex", "uniform", "slimming", "nap_structured",
                                                     "chex_prune_only", "chex_random_regrow", "chex_zero_reinit"])
+    ap.add_argument("--subset-train", type=int, default=None, help="seeded CIFAR-10 train subset (default: all)")
+    ap.add_argument("--subset-test", type=int, default=None, help="seeded CIFAR-10 test subset (default: all)")
+    ap.add_argument("--width", type=float, default=None, help="width multiplier of the small models (default 0.25)")
+    ap.add_argument("--out", default=None, help="results name (default chex / chex-quick)")
     args = ap.parse_args()
     if args.quick:
         models, targets, epochs, n_train, n_test, width = ["vgg16_small"], [2.0], 2, 512, 500, 0.125
@@ -185,6 +189,8 @@ def main() -> None:
         models, targets, epochs, n_train, n_test, width = ["resnet50_small", "vgg16_small"], [2.0, 4.0], 30, None, None, 0.25
     models, targets = args.models or models, args.targets or targets
     epochs = args.epochs or epochs
+    n_train, n_test, width = args.subset_train or n_train, args.subset_test or n_test, args.width or width
+    out = args.out or ("chex-quick" if args.quick else "chex")
     splits = load_splits("cifar10", subset_train=n_train, subset_test=n_test)
     test = tensor_batches(splits.test)
     rows = []
@@ -193,11 +199,12 @@ def main() -> None:
             rows += run_case(name, target, splits, test, epochs=epochs, lr=0.05, width=width, methods=args.methods,
                              batch=128)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / ("chex-quick.json" if args.quick else "chex.json")).write_text(json.dumps(rows, indent=1))
+    (RESULTS / f"{out}.json").write_text(json.dumps(rows, indent=1))
     print_table(["model", "target", "method", "top1", "params", "MFLOPs", "FLOPs red.", "s"],
                 [[r["model"], f"{r['target']:.0f}x", r["method"], f"{r['top1']:.2f}", r["params"],
                   f"{r['flops'] / 1e6:.2f}", f"{r['flops_reduction']:.2f}", f"{r['seconds']:.0f}"] for r in rows],
-                title=f"CHEX vs baselines, CIFAR-10, {epochs} epochs each")
+                title=f"CHEX vs baselines, CIFAR-10 ({n_train or 'all'} train / {n_test or 'all'} test images), "
+                      f"width {width}, {epochs} epochs each")
     plt = pyplot()
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, name in zip(axes[0], models):
@@ -206,7 +213,7 @@ def main() -> None:
             ax.plot(*zip(*sorted(pts)), marker="o", label=method)
         ax.set(title=name, xlabel="FLOPs reduction (x)", ylabel="test top-1 (%)")
         ax.legend(fontsize=7)
-    print(save_figure(fig, "chex-quick.png" if args.quick else "chex.png"))
+    print(save_figure(fig, f"{out}.png"))
 
 
 if __name__ == "__main__":
