@@ -1,6 +1,6 @@
-"""Fault injection: SIGKILL pretrain, the prune loop and finetune at seeded random moments, rerun the
-same command until it finishes, and require the final weights and metrics of an uninterrupted run, bit
-for bit (issue 8).
+"""Fault injection: SIGKILL pretrain, the prune loop, finetune and CHEX training at seeded random
+moments, rerun the same command until it finishes, and require the final weights and metrics of an
+uninterrupted run, bit for bit (issue 8).
 
 Each stage runs as ``python pipelines/<stage>.py`` in a subprocess on a tiny configuration. One
 uninterrupted reference per stage (module-scoped) gives the run's duration; the kill times of a chain
@@ -38,6 +38,8 @@ KILLS = 5  # random kill points per stage
 TINY = ["model=vgg16_small", "model.width=0.0625", "train.epochs=5", "finetune.epochs=5",
         "prune=nap", "prune.max_iterations=3", "prune.finetune_epochs=2", "prune.tolerance=100",
         "curvature.num_samples=128"]
+STAGE_OVERRIDES = {"chex_train": ["chex.epochs=4", "chex.dT=1"]}  # CHEX explores every epoch of a short run
+OUTPUTS = {"chex_train": "chex/train"}  # a stage's output folder under artifacts/, when not its own name
 TIMING_KEYS = ("seconds",)  # wall-clock measurements: the only values allowed to differ
 
 # Runs a stage entrypoint, killing itself with SIGKILL halfway through the Nth atomic write of the file
@@ -104,7 +106,8 @@ def _start(stage: str, artifacts: Path, log: Path, *, kill_in_write: str | None 
     env = _env(NAPKIT_TEST_KILL_IN_WRITE=kill_in_write) if kill_in_write else _env()
     artifacts.mkdir(parents=True, exist_ok=True)
     with log.open("w") as fh:  # the child keeps its own descriptor
-        return subprocess.Popen([*prefix, script, *_overrides(artifacts)], cwd=artifacts.parent, env=env,
+        return subprocess.Popen([*prefix, script, *_overrides(artifacts, *STAGE_OVERRIDES.get(stage, []))],
+                                cwd=artifacts.parent, env=env,
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -195,7 +198,7 @@ def _chain(stage: str, run_dir: Path, ref: Reference, progress: Callable[[Path],
             assert proc.returncode in (0, -signal.SIGKILL), \
                 f"exit {proc.returncode}:\n{log.read_text()[-4000:]}"
             _assert_identical(stage, ref.artifacts, artifacts, tables)
-            shutil.rmtree(artifacts / stage)
+            shutil.rmtree(artifacts / OUTPUTS.get(stage, stage))
             shutil.rmtree(artifacts / "checkpoints")
     if not checkpoint_write:
         write_kill()
@@ -242,14 +245,14 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
 def _assert_identical(stage: str, ref: Path, run: Path, tables: tuple[str, ...]) -> None:
     """Same weights (and masks) bit for bit, same metrics and tables but for timings, no temporary files."""
-    a, b = ref / stage, run / stage
-    for name in ("model.safetensors", "masks.safetensors"):
-        assert (a / name).is_file() == (b / name).is_file(), name
-        if (a / name).is_file():
-            ta, tb = load_tensors(a / name), load_tensors(b / name)
-            assert set(ta) == set(tb), name
-            for key in ta:
-                assert torch.equal(ta[key], tb[key]), f"{name}: {key} differs from the uninterrupted run"
+    a, b = ref / OUTPUTS.get(stage, stage), run / OUTPUTS.get(stage, stage)
+    names = sorted(p.name for p in a.glob("*.safetensors"))
+    assert "model.safetensors" in names and names == sorted(p.name for p in b.glob("*.safetensors"))
+    for name in names:  # weights, and fine-grained or channel masks
+        ta, tb = load_tensors(a / name), load_tensors(b / name)
+        assert set(ta) == set(tb), name
+        for key in ta:
+            assert torch.equal(ta[key], tb[key]), f"{name}: {key} differs from the uninterrupted run"
     assert json.loads((b / "model.json").read_text()) == json.loads((a / "model.json").read_text())
     assert _metrics(b) == _metrics(a)
     for table in tables:
@@ -324,6 +327,19 @@ def test_finetune_killed_anywhere_resumes_bit_identically(work: Path, pretrain_r
     _copy_stages(finetune_ref.artifacts, run_dir / "artifacts", "prune")
     attempts = _chain("finetune", run_dir, finetune_ref, _epoch_progress("finetune", 5),
                       kill_in_write="model.safetensors:1", tables=("history.csv",))
+    assert _resumed(attempts, "resumed from")
+
+
+@pytest.fixture(scope="module")
+def chex_ref(work: Path) -> Reference:
+    return _run("chex_train", work / "ref-chex" / "artifacts")
+
+
+@pytest.mark.slow
+def test_chex_killed_anywhere_resumes_bit_identically(work: Path, chex_ref: Reference) -> None:
+    """Exploration state too: masks, MRU bank and exploration log come back exactly."""
+    attempts = _chain("chex_train", work / "kill-chex", chex_ref, _epoch_progress("chex_train", 4),
+                      kill_in_write="chex_train.pt:2", tables=("history.csv", "explorations.csv"))
     assert _resumed(attempts, "resumed from")
 
 
