@@ -4,6 +4,8 @@ Every method gets the same number of training epochs E:
 
 - ``chex``: train from scratch with exploration (S from the FLOPs target by bisection).
 - ``chex_prune_only`` (d0 = 0), ``chex_random_regrow``, ``chex_zero_reinit``: the ablations.
+- ``chex_min_density``: CHEX with every layer kept at >= half the uniform density (``chex.min_layer_density``),
+  against the global gamma quantile starving the early layers in short runs.
 - ``uniform``: the compact architecture with uniform per-layer ratios (the same S), from scratch.
 - ``slimming``: 3/4 E with an L1 penalty on BatchNorm gammas (1e-4 VGG, 1e-5 ResNet), a global
   |gamma| threshold at the FLOPs target, 1/4 E fine-tune.
@@ -116,7 +118,8 @@ def run_case(name: str, target: float, splits, test, *, epochs: int, lr: float, 
         rows.append(row)
 
     ablations = {"chex": {}, "chex_prune_only": {"d0": 0.0}, "chex_random_regrow": {"regrowth": "random"},
-                 "chex_zero_reinit": {"reinit": "zero"}}
+                 "chex_zero_reinit": {"reinit": "zero"},
+                 "chex_min_density": {"min_layer_density": round(0.5 * (1.0 - sparsity), 3)}}
     for method in methods:
         t0 = time.perf_counter()
         if method in ablations:

@@ -16,6 +16,7 @@ from torch.utils.data import TensorDataset
 from napkit.artifacts import load_model
 from napkit.chex import (ChannelMasks, Explorer, MRUBank, Schedule, channel_tensors, chex_layers, compact,
                          css_keep, layer_budgets, sample_regrowth, sparsity_for_flops, train_chex)
+from napkit.errors import NapkitError
 from napkit.evaluation.cost import input_shape
 from napkit.models import create_model
 from napkit.structured.pruner import count_flops
@@ -85,6 +86,16 @@ def test_css_falls_back_to_l1_when_filters_outnumber_their_inputs() -> None:
 
 
 # ---------------------------------------------------------------------------------------- budgets
+
+
+def test_min_layer_density_floors_starved_layers_and_keeps_the_global_budget() -> None:
+    scores = {"early": torch.full((16,), 0.01), "late": torch.linspace(1.0, 2.0, 64)}
+    keep, _ = layer_budgets(scores, 0.5, 0.1)
+    assert keep["early"] == 1  # the global quantile starves the low-gamma layer
+    keep, grow = layer_budgets(scores, 0.5, 0.1, min_density=0.25)
+    assert keep["early"] == 4 and keep["early"] + keep["late"] == 40
+    with pytest.raises(NapkitError, match="min_layer_density must lie in"):
+        layer_budgets(scores, 0.5, 0.1, min_density=0.6)
 
 
 @pytest.mark.parametrize("sparsity,regrow", [(0.5, 0.2), (0.7, 0.3), (0.5, 0.0), (0.3, 0.1)])

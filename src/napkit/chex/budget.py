@@ -3,8 +3,9 @@
 Ranking all prunable channels by score (descending, ties by position) and cutting at
 ``K = round((1 - S) N)`` and ``KR = round((1 - S + d) N)`` is the quantile rule
 ``keep_l = #{|gamma| > thr(S)}``, ``regrow_l = #{thr(S - d) < |gamma| <= thr(S)}`` with ties
-resolved, so the counts sum to K and KR - K exactly. Every layer keeps at least ``min_channels``,
-taken from the layers that keep the most **[ours]**.
+resolved, so the counts sum to K and KR - K exactly. Every layer keeps at least ``min_channels``
+and at least ``min_density`` of its channels, taken from the layers that keep the most **[ours]**:
+in short runs the gammas of early layers fall fastest and the global quantile can starve them.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ def layer_scores(model: nn.Module, layer, mask: Tensor | None = None) -> Tensor:
 
 
 def layer_budgets(
-    scores: Mapping[str, Tensor], sparsity: float, regrow: float, min_channels: int = 1
+    scores: Mapping[str, Tensor], sparsity: float, regrow: float, min_channels: int = 1, min_density: float = 0.0
 ) -> tuple[dict[str, int], dict[str, int]]:
     """(keep, regrow) channel counts per layer for global sparsity ``sparsity`` and regrowing ``regrow``."""
     if not 0.0 <= sparsity < 1.0:
         raise NapkitError(f"chex.S must lie in [0, 1), got {sparsity}")
+    if not 0.0 <= min_density <= 1.0 - sparsity:
+        raise NapkitError(f"chex.min_layer_density must lie in [0, 1 - S = {1.0 - sparsity:g}], got {min_density}")
     if regrow < 0 or sparsity - regrow < -1e-12:
         raise NapkitError(f"regrowing factor {regrow} must lie in [0, S={sparsity}]")
     names = list(scores)
@@ -52,7 +55,8 @@ def layer_budgets(
     order = torch.argsort(flat, descending=True, stable=True)
     keep = torch.bincount(owner[order[:k]], minlength=len(names))
     grow = torch.bincount(owner[order[k:kr]], minlength=len(names))
-    floor = torch.clamp(torch.full_like(sizes, min_channels), max=sizes)
+    floor = torch.clamp(torch.maximum(torch.full_like(sizes, min_channels),
+                                      torch.ceil(min_density * sizes.double() - 1e-9).long()), max=sizes)
     for i in torch.nonzero(keep < floor).flatten().tolist():
         while keep[i] < floor[i]:
             spare = keep - floor

@@ -51,7 +51,7 @@ class Explorer:
     """Masks, MRU bank and exploration steps of one model (spec: one exploration step)."""
 
     def __init__(self, model: nn.Module, *, sparsity: float, d0: float, regrowth: str = "importance",
-                 reinit: str = "mru", seed: int = 0, min_channels: int = 1,
+                 reinit: str = "mru", seed: int = 0, min_channels: int = 1, min_density: float = 0.0,
                  groups: list[ChannelGroup] | None = None) -> None:
         if regrowth not in REGROWTH:
             raise NapkitError(f"unknown chex.regrowth {regrowth!r}; valid choices: {', '.join(REGROWTH)}")
@@ -63,7 +63,7 @@ class Explorer:
             raise NapkitError(f"chex.d0 must lie in [0, S={sparsity}], got {d0}")
         self.layers: list[ChexLayer] = chex_layers(model, groups)
         self.sparsity, self.d0, self.regrowth, self.reinit = float(sparsity), float(d0), regrowth, reinit
-        self.seed, self.min_channels = int(seed), int(min_channels)
+        self.seed, self.min_channels, self.min_density = int(seed), int(min_channels), float(min_density)
         self.masks = ChannelMasks.dense(self.layers)
         self.bank = MRUBank(self.layers)
         self.last_regrown: dict[str, Tensor] = {}
@@ -94,7 +94,7 @@ class Explorer:
         old = self.masks.masks
         # (a) budgets from |gamma| (pruned channels score 0)
         scores = {l.id: layer_scores(model, l, old[l.id]) for l in self.layers}
-        keep, grow = layer_budgets(scores, self.sparsity, regrow_factor, self.min_channels)
+        keep, grow = layer_budgets(scores, self.sparsity, regrow_factor, self.min_channels, self.min_density)
         # (b) prune by CSS
         kept = {l.id: css_keep(model.get_submodule(l.producer).weight, keep[l.id], old[l.id])
                 for l in self.layers}

@@ -36,7 +36,8 @@ def make_explorer(model: nn.Module, cfg: DictConfig, seed: int, sparsity: float 
     """An explorer configured by the ``chex`` block (``sparsity`` overrides ``cfg.S``)."""
     return Explorer(model, sparsity=float(cfg.S if sparsity is None else sparsity), d0=float(cfg.d0),
                     regrowth=str(cfg.get("regrowth", "importance")), reinit=str(cfg.get("reinit", "mru")),
-                    seed=seed, min_channels=int(cfg.get("min_channels", 1)))
+                    seed=seed, min_channels=int(cfg.get("min_channels", 1)),
+                    min_density=float(cfg.get("min_layer_density", 0.0)))
 
 
 def train_chex(
