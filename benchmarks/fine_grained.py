@@ -90,9 +90,10 @@ def run_dataset(name: str, args) -> float:
     tag = f"{name}{'-quick' if args.quick else ''}"
     lr = args.lr if args.lr is not None else (0.01 if name == "mnist" else 0.01)
 
-    def cfg(method: str, seed: int, lr_: float = lr) -> RunConfig:
+    def cfg(method: str, seed: int, lr_: float | None = None) -> RunConfig:
+        """The run's config; ``lr_`` None: the LR chosen so far (read at call time, after the LR sweep)."""
         return RunConfig(method=method, seed=seed, grid=setup["grid"], step_fraction=args.p, finetune_fraction=ft,
-                         lr=lr_, damping=args.damping, max_layer_sparsity=args.cap, kfac_samples=args.kfac_samples,
+                         lr=lr if lr_ is None else lr_, damping=args.damping, max_layer_sparsity=args.cap, kfac_samples=args.kfac_samples,
                          recompute_curvature=not args.curvature_once)
 
     if args.lr_sweep:
