@@ -139,14 +139,18 @@ def _run(stage: str, artifacts: Path) -> Reference:
 
 
 def _kill_attempt(stage: str, artifacts: Path, log: Path, *, startup_delay: float | None = None,
-                  work_delay: float | None = None) -> tuple[subprocess.Popen, bool]:
+                  work_delay: float | None = None,
+                  after: Callable[[], bool] | None = None) -> tuple[subprocess.Popen, bool]:
     """Start the stage and SIGKILL it ``startup_delay`` seconds after the start, or ``work_delay`` seconds
-    after its first output; landed: it had not finished its work yet."""
+    after its first output (and after ``after()`` holds, e.g. a new checkpoint); landed: it had not
+    finished its work yet."""
     proc = _start(stage, artifacts, log)
     if startup_delay is not None:
         _wait(proc, lambda: False, timeout=startup_delay)
     else:
         _wait(proc, lambda: log.stat().st_size > 0)
+        if after is not None:
+            _wait(proc, after)
         _wait(proc, lambda: False, timeout=work_delay or 0.0)
     landed = proc.poll() is None and not _done(stage, log)
     if proc.poll() is None:
@@ -162,7 +166,9 @@ def _chain(stage: str, run_dir: Path, ref: Reference, progress: Callable[[Path],
     The moments are stratified draws: one during the startup (imports, data, model), the others
     ``u * remaining`` seconds into the work, where ``remaining`` is the reference's work time less the
     progress the checkpoints already hold, so kills land in training steps, validation, checkpoint
-    writes and the final writes. A kill that comes after the stage finished (a machine faster than
+    writes and the final writes. The first two work kills wait for a new checkpoint first (then
+    ``u`` * 0.5 s), so at least two reruns resume from real, partial progress however fast or loaded
+    the machine is. A kill that comes after the stage finished (a machine faster than
     the reference's) counts as missed: that run's outputs must match too, and the chain starts over.
     """
     artifacts = run_dir / "artifacts"
@@ -182,7 +188,7 @@ def _chain(stage: str, run_dir: Path, ref: Reference, progress: Callable[[Path],
     if checkpoint_write:  # a checkpoint is written early; an output file only at the end
         write_kill()
     for i, stratum in enumerate(strata):
-        if sum(a.landed for a in attempts if a.kill_at.startswith(("startup", "work"))) == KILLS:
+        if sum(a.landed for a in attempts if a.kill_at.startswith(("startup", "work", "checkpoint"))) == KILLS:
             break
         done = progress(artifacts)
         u = (stratum + rng.random()) / KILLS
@@ -190,6 +196,10 @@ def _chain(stage: str, run_dir: Path, ref: Reference, progress: Callable[[Path],
         if stratum == 0:
             delay, when = u * KILLS * ref.startup, "startup"
             proc, landed = _kill_attempt(stage, artifacts, log, startup_delay=delay)
+        elif sum(a.kill_at.startswith("checkpoint") for a in attempts) < 2 and done < 1.0:
+            delay, when = 0.5 * rng.random(), "checkpoint"
+            proc, landed = _kill_attempt(stage, artifacts, log, work_delay=delay,
+                                         after=lambda d=done: progress(artifacts) > d)
         else:
             delay, when = u * ref.work * (1.0 - done), "work"
             proc, landed = _kill_attempt(stage, artifacts, log, work_delay=delay)
@@ -205,7 +215,7 @@ def _chain(stage: str, run_dir: Path, ref: Reference, progress: Callable[[Path],
     log = run_dir / f"{stage}-final.log"
     _finish(_start(stage, artifacts, log), log)
     attempts.append(Attempt("", False, progress(artifacts), log.read_text()))
-    kills = [a for a in attempts if a.kill_at.startswith(("startup", "work"))]
+    kills = [a for a in attempts if a.kill_at.startswith(("startup", "work", "checkpoint"))]
     print(f"\n{stage} (reference: startup {ref.startup:.1f}s, work {ref.work:.1f}s): killed in a write of "
           f"{kill_in_write}, and at " + ", ".join(
               f"{a.kill_at} (progress {a.progress_before:.2f}, {'landed' if a.landed else 'missed'})"
