@@ -9,8 +9,8 @@ Every method gets the same number of training epochs E:
 - ``uniform``: the compact architecture with uniform per-layer ratios (the same S), from scratch.
 - ``slimming``: 3/4 E with an L1 penalty on BatchNorm gammas (1e-4 VGG, 1e-5 ResNet), a global
   |gamma| threshold at the FLOPs target, 1/4 E fine-tune.
-- ``nap_structured``: napkit's NAP channel pruning (K-FAC) of a dense model trained E/2 epochs,
-  then fine-tuned E/2 epochs.
+- ``nap_structured``: napkit's NAP channel pruning (K-FAC, ranked per FLOP saved: the pipeline's
+  default) of a dense model trained E/2 epochs, then fine-tuned E/2 epochs.
 
 Usage: ``python benchmarks/chex.py --quick`` (VGG at 2x, few samples and epochs: a smoke run) or
 ``python benchmarks/chex.py`` (small ResNet-50 and VGG16, 2x and 4x). Prints a table and writes
@@ -158,7 +158,7 @@ def run_case(name: str, target: float, splits, test, *, epochs: int, lr: float, 
                 loader = make_loader(splits.train_plain, batch_size=128, shuffle=True, seed=it)
                 return estimate_kfac(m, loader, num_samples=256, seed=it, progress=False)
 
-            pruner = StructuredPruner("nap", model, input_shape=shape, step_fraction=0.5,
+            pruner = StructuredPruner("nap_per_flop", model, input_shape=shape, step_fraction=0.5,
                                       target_flops_reduction=target, factors_provider=factors)
             it = 0
             while not pruner.reached(model) and it < 10:
