@@ -185,7 +185,9 @@ def main() -> None:
     ap.add_argument("--subset-test", type=int, default=None, help="seeded CIFAR-10 test subset (default: all)")
     ap.add_argument("--width", type=float, default=None, help="width multiplier of the small models (default 0.25)")
     ap.add_argument("--out", default=None, help="results name (default chex / chex-quick)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on the shared 2 cores)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if args.quick:
         models, targets, epochs, n_train, n_test, width = ["vgg16_small"], [2.0], 2, 512, 500, 0.125
     else:

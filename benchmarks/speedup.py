@@ -2,21 +2,26 @@
 
 ImageNet-shaped torchvision models (random init: latency does not depend on the weights), pruned in one
 step with the L1-filter score and uniform allocation to about 2x and 4x fewer FLOPs, kept channel counts
-rounded to multiples of ``--round-to`` (8: the AVX2 float32 width; oneDNN's blocked layouts pad to it).
-Each model runs in two forms: ``eager`` (the plain ``nn.Module``) and ``frozen`` (TorchScript trace,
-``torch.jit.freeze`` + ``torch.jit.optimize_for_inference``: BatchNorm folded into the convs, weights
-prepacked, which is how a CPU deployment runs it). Latency at batch 1 and 64 under
-``torch.inference_mode``; dense and pruned models run alternately in one process so load changes hit
+rounded to multiples of ``--round-to`` (default: the CPU's float32 SIMD width, 16 on AVX-512 and 8 on AVX2;
+oneDNN's blocked layouts pad channels to it). Each model runs in three forms: ``eager`` (the plain
+``nn.Module``), ``frozen`` (TorchScript trace, ``torch.jit.freeze`` + ``torch.jit.optimize_for_inference``:
+BatchNorm folded into the convs, weights prepacked) and ``compiled`` (``torch.compile`` with Inductor's
+freezing: the same folding plus fused elementwise kernels); the last two are how a CPU deployment runs it.
+Latency at batch 1 and 64 under ``torch.inference_mode``; dense and pruned models run alternately in one process so load changes hit
 all of them alike; the median of ``--repeats`` runs after one warm-up run. glibc's malloc returns every large block to
 the OS on free, so each forward page-faults its activations in again (hundreds of MB per layer for
 VGG16 at batch 64): a cost proportional to channels, not FLOPs, that no CPU serving setup pays (they
 use jemalloc/tcmalloc). The script re-executes itself with ``MALLOC_MMAP_MAX_=0`` and a huge
-``MALLOC_TRIM_THRESHOLD_`` (freed memory stays in the heap) unless ``--system-malloc``. Prints a table; for each
-(model, batch) the form that is faster for the DENSE model is the deployment form (the baseline at its
-best, chosen before looking at the pruned models), and the last line is
-``latency_over_flops=<min over those rows of speed-up / FLOPs reduction>`` (1.0 = latency falls as fast as FLOPs).
+``MALLOC_TRIM_THRESHOLD_`` (freed memory stays in the heap) unless ``--system-malloc``.
 
-    python benchmarks/speedup.py [--models vgg16 resnet50] [--targets 2 4] [--repeats 10 3] [--round-to 8]
+Every (form, thread count) in ``--threads`` is measured. Prints a table; for each (model, batch) the
+(form, threads) that is fastest for the DENSE model is the deployment setting (the baseline at its best,
+chosen before looking at the pruned models: a batch-1 server often runs one thread per request, since
+small ops do not amortise the threads' synchronisation), and the last line is
+``latency_over_flops=<min over those rows of speed-up / FLOPs reduction>`` (1.0 = latency falls as fast as
+FLOPs). The minimum at each fixed thread count is printed too.
+
+    python benchmarks/speedup.py [--models vgg16 resnet50] [--targets 2 4] [--repeats 10 3] [--threads 1 2] [--forms eager frozen compiled]
 """
 
 from __future__ import annotations
@@ -53,10 +58,25 @@ def frozen(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.
     return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model.eval(), x)))
 
 
+@torch.no_grad()
+def compiled(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """torch.compile (Inductor) with freezing: BatchNorm folded, weights prepacked, and the elementwise ops
+    (ReLU, residual add) fused into generated kernels instead of one pass over memory each. Compiled for
+    the current thread count and input shape (the first call, in the warm-up)."""
+    torch._inductor.config.freezing = True
+    return torch.compile(model.eval(), dynamic=False)
+
+
 FORMS: dict[str, Callable[[nn.Module, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
     "eager": lambda model, x: model,
     "frozen": frozen,
+    "compiled": compiled,
 }
+
+
+def simd_channels() -> int:
+    """float32 lanes of the CPU's widest vector unit: oneDNN blocks channels by this (nChw16c on AVX-512)."""
+    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
 
 
 @torch.inference_mode()
@@ -78,41 +98,49 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["vgg16", "resnet50"])
     parser.add_argument("--targets", nargs="+", type=float, default=[2.0, 4.0])
     parser.add_argument("--repeats", nargs=2, type=int, default=[10, 3], metavar=("BATCH1", "BATCH64"))
-    parser.add_argument("--round-to", type=int, default=8, help="kept channel counts multiple of this")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--round-to", type=int, default=None,
+                        help="kept channel counts multiple of this (default: the CPU's float32 SIMD width)")
+    parser.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="torch thread counts to measure")
     parser.add_argument("--system-malloc", action="store_true",
                         help="keep glibc's default malloc (freed activations go back to the OS)")
     args = parser.parse_args()
     if not args.system_malloc and any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY})
-    torch.set_num_threads(args.threads)
+    args.round_to = args.round_to or simd_channels()
     torch.manual_seed(0)
-    print(f"{'model':<9} {'target':>6} {'flops_red':>9} {'batch':>5} {'form':>6} {'dense_ms':>10} "
+    print(f"{'model':<9} {'target':>6} {'flops_red':>9} {'batch':>5} {'thr':>3} {'form':>6} {'dense_ms':>10} "
           f"{'pruned_ms':>10} {'speedup':>7} {'speedup/flops_red':>17}")
-    deployed, eager = [], []
+    deployed: list[float] = []
+    per_setting: dict[tuple[str, int], list[float]] = {}  # (form, threads): every speedup/flops_red
     for name in args.models:
         dense = create_model(name, num_classes=1000, in_channels=3, input_size=SHAPE[-1]).eval()
         pruned = [prune_to(dense, t, args.round_to) for t in args.targets]
         for batch, repeats in zip(BATCHES, args.repeats):
             x = torch.randn(batch, *SHAPE[1:])
-            rows: dict[str, list[float]] = {}
-            for form, make in FORMS.items():
-                ms = latencies([make(m, x) for m in [dense] + [m for m, _ in pruned]], x, repeats)
-                rows[form] = []
-                for target, (_, reduction), pruned_ms in zip(args.targets, pruned, ms[1:]):
-                    speedup = ms[0] / pruned_ms
-                    rows[form].append(speedup / reduction)
-                    print(f"{name:<9} {target:>5.1f}x {reduction:>8.2f}x {batch:>5} {form:>6} {ms[0]:>10.1f} "
-                          f"{pruned_ms:>10.1f} {speedup:>6.2f}x {rows[form][-1]:>17.2f}", flush=True)
-                rows[form].append(ms[0])  # last: the dense latency, to choose the deployment form
-            best = min(rows, key=lambda f: rows[f][-1])
-            print(f"{name:<9} batch {batch}: deployment form {best} (dense {rows[best][-1]:.1f} ms)")
-            deployed += rows[best][:-1]
-            eager += rows["eager"][:-1]
+            rows: dict[tuple[str, int], tuple[float, list[float]]] = {}  # setting: (dense ms, ratios)
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                for form in args.forms:
+                    torch._dynamo.reset()  # compiled forms: fresh kernels for this thread count
+                    make = FORMS[form]
+                    ms = latencies([make(m, x) for m in [dense] + [m for m, _ in pruned]], x, repeats)
+                    ratios = []
+                    for target, (_, reduction), pruned_ms in zip(args.targets, pruned, ms[1:]):
+                        speedup = ms[0] / pruned_ms
+                        ratios.append(speedup / reduction)
+                        print(f"{name:<9} {target:>5.1f}x {reduction:>8.2f}x {batch:>5} {threads:>3} {form:>6} "
+                              f"{ms[0]:>10.1f} {pruned_ms:>10.1f} {speedup:>6.2f}x {ratios[-1]:>17.2f}", flush=True)
+                    rows[(form, threads)] = (ms[0], ratios)
+                    per_setting.setdefault((form, threads), []).extend(ratios)
+            (form, threads), (dense_ms, ratios) = min(rows.items(), key=lambda kv: kv[1][0])
+            print(f"{name:<9} batch {batch}: deployment {form}, {threads} thread(s) (dense {dense_ms:.1f} ms)")
+            deployed += ratios
     print(f"repeats: batch 1 median of {args.repeats[0]}, batch 64 median of {args.repeats[1]}; "
-          f"{torch.get_num_threads()} threads; channel counts multiple of {args.round_to}; malloc "
+          f"channel counts multiple of {args.round_to}; malloc "
           f"{'glibc default' if args.system_malloc else 'keeping freed memory (MALLOC_MMAP_MAX_=0)'}")
-    print(f"eager form only: min speedup/flops_red {min(eager):.3f}")
+    for (form, threads), ratios in per_setting.items():
+        print(f"{form} form, {threads} thread(s) everywhere: min speedup/flops_red {min(ratios):.3f}")
     print(f"latency_over_flops={min(deployed):.3f}")
 
 

@@ -117,11 +117,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--damping", type=float, default=0.1)
     parser.add_argument("--kfac-samples", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on the shared 2 cores)")
     parser.add_argument("--quick", action="store_true", help="tiny budget smoke run")
     args = parser.parse_args()
     if args.quick:
         args.subset, args.dense_epochs, args.final_epochs, args.ft_fraction = 1000, 2, 1, 0.2
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     widths = {"vgg16_small": 0.25, "resnet50_small": 0.125}
     results = []
     for name in args.models:
