@@ -20,7 +20,6 @@ Usage: ``python benchmarks/chex.py --quick`` (VGG at 2x, few samples and epochs:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -36,7 +35,6 @@ from common import (DEVICE, RESULTS, build_model, load_splits, log, optim_cfg, p
                     save_figure, tensor_batches)
 
 from napkit.chex import chex_layers, compact, layer_scores, sparsity_for_flops, train_chex  # noqa: E402
-from napkit.chex.masks import ChannelMasks  # noqa: E402
 from napkit.curvature import estimate_kfac  # noqa: E402
 from napkit.data import make_loader  # noqa: E402
 from napkit.evaluation.cost import input_shape  # noqa: E402

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DEVICE, build_model, dense_model, load_splits, log, make_loader, print_table,  # noqa: E402
+from common import (dense_model, load_splits, log, make_loader, print_table,  # noqa: E402
                     pyplot, save_figure)
 
 from napkit.curvature import estimate_kfac  # noqa: E402

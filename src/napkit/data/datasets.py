@@ -29,6 +29,7 @@ from torchvision import transforms as T
 
 from napkit.errors import NapkitError, unknown_choice
 from napkit.io import load_torch, save_torch
+from napkit.registry import Registry
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
@@ -55,28 +56,23 @@ class DataSplits:
 # ---------------------------------------------------------------------------------------------
 # registry
 
-_DATASETS: dict[str, Callable[..., DataSplits]] = {}
+_DATASETS: Registry[Callable[..., DataSplits]] = Registry("dataset")
 Builder = TypeVar("Builder", bound=Callable[..., DataSplits])
 
 
 def register_dataset(fn: Builder) -> Builder:
     """Register a split builder under its function name; it must accept ``seed``."""
-    if fn.__name__ in _DATASETS:
-        raise ValueError(f"dataset {fn.__name__!r} is registered twice")
-    _DATASETS[fn.__name__] = fn
-    return fn
+    return _DATASETS.add(fn.__name__, fn)
 
 
 def list_datasets() -> list[str]:
     """Names accepted by :func:`create_splits`, sorted."""
-    return sorted(_DATASETS)
+    return _DATASETS.names()
 
 
 def create_splits(name: str, *, seed: int = 0, **kwargs: Any) -> DataSplits:
     """Build the splits of dataset ``name``; ``kwargs`` are its config (``conf/data/<name>.yaml``)."""
     builder = _DATASETS.get(name)
-    if builder is None:
-        raise unknown_choice("dataset", name, list_datasets())
     valid = [p for p in inspect.signature(builder).parameters if p != "seed"]
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:

@@ -12,25 +12,23 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from napkit.errors import NapkitError, unknown_choice
+from napkit.errors import NapkitError
+from napkit.registry import Registry
 
 _DATA_ARGS = ("num_classes", "in_channels", "input_size")
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+_MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
 
 
 def register_model(fn: Builder) -> Builder:
     """Register a builder under its function name; it must accept the three data keywords."""
-    if fn.__name__ in _MODELS:
-        raise ValueError(f"model {fn.__name__!r} is registered twice")
-    _MODELS[fn.__name__] = fn
-    return fn
+    return _MODELS.add(fn.__name__, fn)
 
 
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`, sorted."""
-    return sorted(_MODELS)
+    return _MODELS.names()
 
 
 def create_model(
@@ -38,8 +36,6 @@ def create_model(
 ) -> nn.Module:
     """Build model ``name`` for inputs of shape (in_channels, input_size, input_size)."""
     builder = _MODELS.get(name)
-    if builder is None:
-        raise unknown_choice("model", name, list_models())
     _check_options(name, builder, kwargs)
     for key, value in zip(_DATA_ARGS, (num_classes, in_channels, input_size), strict=True):
         if not isinstance(value, int) or value < 1:
@@ -62,4 +58,4 @@ def _check_options(name: str, builder: Callable[..., nn.Module], kwargs: dict[st
 from napkit.models import imagenet, small  # noqa: E402
 from napkit.models import lenet  # noqa: E402
 
-__all__ = ["create_model", "imagenet", "list_models", "register_model", "small"]
+__all__ = ["create_model", "imagenet", "lenet", "list_models", "register_model", "small"]

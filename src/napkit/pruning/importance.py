@@ -15,30 +15,25 @@ from typing import ClassVar
 import torch
 
 from napkit.curvature import KFACFactors
-from napkit.errors import NapkitError, unknown_choice
+from napkit.errors import NapkitError
 from napkit.layers import PrunableLayer
+from napkit.registry import Registry
 
-_IMPORTANCES: dict[str, type[Importance]] = {}
+_IMPORTANCES: Registry[type[Importance]] = Registry("pruning criterion")
 
 
 def register_importance(name: str) -> Callable[[type[Importance]], type[Importance]]:
-    def deco(cls: type[Importance]) -> type[Importance]:
-        _IMPORTANCES[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+    """Class decorator: make the criterion available as ``prune.method=<name>``."""
+    return _IMPORTANCES.named(name)
 
 
 def list_importances() -> list[str]:
-    return sorted(_IMPORTANCES)
+    return _IMPORTANCES.names()
 
 
 def create_importance(name: str, **kwargs: object) -> Importance:
     """Instantiate a criterion by name; an unknown name lists the valid ones."""
-    if name not in _IMPORTANCES:
-        raise unknown_choice("pruning criterion", name, _IMPORTANCES)
-    return _IMPORTANCES[name](**kwargs)
+    return _IMPORTANCES.get(name)(**kwargs)
 
 
 class Importance(ABC):

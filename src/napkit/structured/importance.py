@@ -23,32 +23,27 @@ import torch
 from torch import Tensor, nn
 
 from napkit.curvature import KFACFactors, weight_with_bias
-from napkit.errors import NapkitError, unknown_choice
+from napkit.errors import NapkitError
+from napkit.registry import Registry
 from napkit.structured.groups import ChannelGroup, Consumer, saved_flops
 
 Scores = dict[str, Tensor]
 
-_CHANNEL_IMPORTANCES: dict[str, type[ChannelImportance]] = {}
+_CHANNEL_IMPORTANCES: Registry[type[ChannelImportance]] = Registry("channel importance")
 
 
 def register_channel_importance(name: str) -> Callable[[type[ChannelImportance]], type[ChannelImportance]]:
-    def deco(cls: type[ChannelImportance]) -> type[ChannelImportance]:
-        _CHANNEL_IMPORTANCES[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+    """Class decorator: make the channel criterion available by ``name``."""
+    return _CHANNEL_IMPORTANCES.named(name)
 
 
 def list_channel_importances() -> list[str]:
-    return sorted(_CHANNEL_IMPORTANCES)
+    return _CHANNEL_IMPORTANCES.names()
 
 
 def channel_importance_class(name: str) -> type[ChannelImportance]:
     """The criterion class registered as ``name``; an unknown name lists the valid ones."""
-    if name not in _CHANNEL_IMPORTANCES:
-        raise unknown_choice("channel importance", name, _CHANNEL_IMPORTANCES)
-    return _CHANNEL_IMPORTANCES[name]
+    return _CHANNEL_IMPORTANCES.get(name)
 
 
 def create_channel_importance(name: str, **kwargs: object) -> ChannelImportance:
