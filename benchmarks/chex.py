@@ -2,7 +2,8 @@
 
 Every method gets the same number of training epochs E:
 
-- ``chex``: train from scratch with exploration (S from the FLOPs target by bisection).
+- ``chex``: train from scratch with exploration; every exploration step's S is found by bisection so the
+  channels its |gamma| budgets keep meet the FLOPs target (``chex.target_flops_reduction``).
 - ``chex_prune_only`` (d0 = 0), ``chex_random_regrow``, ``chex_zero_reinit``: the ablations.
 - ``chex_min_density``: CHEX with every layer kept at >= half the uniform density (``chex.min_layer_density``),
   against the global gamma quantile starving the early layers in short runs.
@@ -122,8 +123,9 @@ def run_case(name: str, target: float, splits, test, *, epochs: int, lr: float, 
         t0 = time.perf_counter()
         if method in ablations:
             model = fresh()
-            ex, _ = train_chex(model, splits.train, splits.val, cfg=chex_cfg(epochs, lr, sparsity, **ablations[method]),
-                               batch_size=batch, eval_batch_size=1000, seed=0, device=DEVICE, progress=False)
+            cfg = chex_cfg(epochs, lr, sparsity, target_flops_reduction=target, **ablations[method])
+            ex, _ = train_chex(model, splits.train, splits.val, cfg=cfg, batch_size=batch, eval_batch_size=1000,
+                               seed=0, device=DEVICE, input_shape=shape, progress=False)
             record(method, compact(model.cpu(), ex.masks), t0)
         elif method == "uniform":
             model = apply(fresh(), uniform_plan(base, sparsity))

@@ -31,6 +31,7 @@ from napkit.structured.surgery import recalibrate_bn
 from napkit.training.engine import evaluate, train_one_epoch
 from napkit.training.trainer import fit
 
+HIT = 0.02  # a FLOPs reduction within 2% of a grid point counts as that point (then the next is aimed at)
 METHODS = {  # name: (channel importance, allocation)
     "nap": ("nap", "global"),
     "nap_per_flop": ("nap_per_flop", "global"),
@@ -60,7 +61,7 @@ def run_method(method: str, dense: nn.Module, splits, test, grid: list[float], a
 
     def step(m: nn.Module, _mk, it: int):
         reached = pruner.measure(m)["flops_reduction"]
-        pruner.target = ("flops", next(g for g in grid if g > reached * (1 + 1e-9)))
+        pruner.target = ("flops", next(g for g in grid if g > reached * (1 + HIT)))
         m = pruner(m, it)
         recalibrate_bn(m, make_loader(splits.train_plain, batch_size=args.batch, shuffle=True, seed=it), 20)
         pre[it] = evaluate(m, test, device=DEVICE, progress=False)["top1"]
@@ -74,7 +75,7 @@ def run_method(method: str, dense: nn.Module, splits, test, grid: list[float], a
 
     def on_record(rec) -> None:
         red = rec.measures["flops_reduction"]
-        hit = next((g for g in grid if abs(red - g) / g < 0.02), None)
+        hit = next((g for g in grid if abs(red - g) / g < HIT), None)
         if rec.iteration == 0 or hit is None:
             return
         final = copy.deepcopy(current["model"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -254,6 +255,30 @@ def test_flops_target_to_sparsity_by_bisection() -> None:
             k: torch.isin(torch.arange(l.size), v) for (k, v), l in zip(plan.items(), chex_layers(model))})), shape)[0]
 
     assert reduction(s) >= 2.0 > reduction(s - 0.01)
+
+
+@pytest.mark.parametrize("name", ["vgg16_small", "resnet50_small"])
+def test_exploration_with_a_flops_target_meets_it_whatever_the_gammas(name: str) -> None:
+    model = _model(name)
+    _randomize_norms(model)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():  # early gammas fall fastest in training: the costly high-resolution layers lose most
+        for m in norms[: len(norms) // 3]:
+            m.weight.mul_(0.2)
+    shape = input_shape(3, 28)
+    dense = count_flops(model, shape)[0]
+    uniform_s = sparsity_for_flops(model, 3.0, shape)
+    reductions, used = {}, {}
+    for key, target in (("fixed", None), ("targeted", (3.0, shape))):
+        m = copy.deepcopy(model)
+        ex = Explorer(m, sparsity=uniform_s, d0=0.2, seed=0, flops_target=target)
+        ex.init(m)
+        used[key] = ex.step(m, 2, 0.0).sparsity  # the last step: d_e = 0
+        reductions[key] = dense / count_flops(compact(m, ex.masks), shape)[0]
+    assert used["fixed"] == uniform_s and used["targeted"] != uniform_s
+    # the gammas move channels between cheap and costly layers, so a fixed S misses the target
+    assert abs(reductions["fixed"] - 3.0) > 0.05
+    assert 3.0 <= reductions["targeted"] <= 3.0 * 1.03
 
 
 # ---------------------------------------------------------------------------------------- training

@@ -2,14 +2,16 @@
 
 :class:`Explorer` owns the channel masks and the MRU bank of one model. ``init`` masks every layer
 uniformly at density ``1 - S + d0`` keeping the largest-L1 filters (after snapshotting the bank);
-``step`` runs (a) budgets from |gamma|, (b) CSS pruning, (c) MRU restore, (d) importance-sampled
-regrowth, snapshot, apply, and (e) under ``torch.distributed`` takes rank 0's masks. Sampling uses a
+``step`` runs (a) budgets from |gamma| (with a FLOPs target, at the global sparsity whose budgets
+give that target, found by bisection on the measured FLOPs **[ours]**), (b) CSS pruning, (c) MRU
+restore, (d) importance-sampled regrowth, snapshot, apply, and (e) under ``torch.distributed`` takes rank 0's masks. Sampling uses a
 generator seeded from ``(seed, epoch)`` alone, so a run is deterministic and resumes exactly.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,20 +41,29 @@ class StepRecord:
     regrown: int
     survived: int | None  # of the previous step's regrown channels, how many CSS kept this step
     layer_regrown: dict[str, int] = field(default_factory=dict)
+    sparsity: float | None = None  # the global sparsity S the budgets used this step
 
     def row(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "regrow_factor": self.regrow_factor, "density": self.density,
+        return {"epoch": self.epoch, "sparsity": self.sparsity, "regrow_factor": self.regrow_factor,
+                "density": self.density,
                 "kept": self.kept, "regrown": self.regrown,
                 "survived": -1 if self.survived is None else self.survived,
                 **{f"channels/{k}": v for k, v in self.channels.items()}}
 
 
 class Explorer:
-    """Masks, MRU bank and exploration steps of one model (spec: one exploration step)."""
+    """Masks, MRU bank and exploration steps of one model (spec: one exploration step).
+
+    ``flops_target = (reduction, input_shape)`` makes every step choose its global sparsity so that
+    the channels its budgets keep give ``reduction`` x fewer FLOPs than the dense ``model`` (which
+    layers lose channels moves with the gammas, and with it the FLOPs a fixed S leaves); ``sparsity``
+    then only sets the initial uniform density.
+    """
 
     def __init__(self, model: nn.Module, *, sparsity: float, d0: float, regrowth: str = "importance",
                  reinit: str = "mru", seed: int = 0, min_channels: int = 1, min_density: float = 0.0,
-                 groups: list[ChannelGroup] | None = None) -> None:
+                 groups: list[ChannelGroup] | None = None,
+                 flops_target: tuple[float, tuple[int, ...]] | None = None) -> None:
         if regrowth not in REGROWTH:
             raise NapkitError(f"unknown chex.regrowth {regrowth!r}; valid choices: {', '.join(REGROWTH)}")
         if reinit not in REINIT:
@@ -61,6 +72,10 @@ class Explorer:
             raise NapkitError(f"chex.S must lie in [0, 1), got {sparsity}")
         if not 0.0 <= d0 <= sparsity:
             raise NapkitError(f"chex.d0 must lie in [0, S={sparsity}], got {d0}")
+        if flops_target is not None:
+            groups = groups or channel_groups(model)
+            self.dense_flops = count_flops(copy.deepcopy(model).cpu(), flops_target[1])[0]
+        self.groups, self.flops_target = groups, flops_target
         self.layers: list[ChexLayer] = chex_layers(model, groups)
         self.sparsity, self.d0, self.regrowth, self.reinit = float(sparsity), float(d0), regrowth, reinit
         self.seed, self.min_channels, self.min_density = int(seed), int(min_channels), float(min_density)
@@ -94,7 +109,9 @@ class Explorer:
         old = self.masks.masks
         # (a) budgets from |gamma| (pruned channels score 0)
         scores = {l.id: layer_scores(model, l, old[l.id]) for l in self.layers}
-        keep, grow = layer_budgets(scores, self.sparsity, regrow_factor, self.min_channels, self.min_density)
+        sparsity = self.sparsity if self.flops_target is None else self._sparsity_for_target(model, scores)
+        regrow_factor = min(regrow_factor, sparsity)
+        keep, grow = layer_budgets(scores, sparsity, regrow_factor, self.min_channels, self.min_density)
         # (b) prune by CSS
         kept = {l.id: css_keep(model.get_submodule(l.producer).weight, keep[l.id], old[l.id])
                 for l in self.layers}
@@ -124,9 +141,23 @@ class Explorer:
         rec = StepRecord(epoch=epoch, regrow_factor=float(regrow_factor), density=masks.density(),
                          channels=counts, kept=sum(keep.values()),
                          regrown=sum(int(v.numel()) for v in self.last_regrown.values()), survived=survived,
-                         layer_regrown={lid: int(v.numel()) for lid, v in self.last_regrown.items()})
+                         layer_regrown={lid: int(v.numel()) for lid, v in self.last_regrown.items()},
+                         sparsity=sparsity)
         self.records.append(rec)
         return rec
+
+    def _sparsity_for_target(self, model: nn.Module, scores: dict[str, Tensor]) -> float:
+        """The global sparsity whose |gamma| budgets keep channels worth the FLOPs target."""
+        assert self.flops_target is not None
+        target, shape = self.flops_target
+        cpu = copy.deepcopy(model).cpu()
+
+        def reduction(s: float) -> float:
+            keep, _ = layer_budgets(scores, s, 0.0, self.min_channels, self.min_density)
+            plan = {l.id: torch.arange(max(keep[l.id], self.min_channels, 1)) for l in self.layers}
+            return self.dense_flops / count_flops(apply(cpu, plan, groups=self.groups), shape)[0]
+
+        return _bisect(reduction, target, hi=1.0 - self.min_density)
 
     def _broadcast(self, masks: ChannelMasks) -> ChannelMasks:
         """(e) Under torch.distributed every rank takes rank 0's masks."""
@@ -174,7 +205,8 @@ def sparsity_for_flops(model: nn.Module, target_reduction: float, input_shape: t
     """Smallest S (within ``tol``) whose uniformly masked model has ``target_reduction`` x fewer FLOPs
     than ``model``, by bisection on the FLOPs measured after compaction **[ours]**.
 
-    CHEX reallocates channels while it trains, so the final model's FLOPs move around this value.
+    CHEX reallocates channels while it trains, so the FLOPs of a fixed S move with the gammas: this
+    value sets the initial density, and an :class:`Explorer` given the target matches it at every step.
     """
     if target_reduction < 1.0:
         raise NapkitError(f"chex.target_flops_reduction must be >= 1, got {target_reduction}")
@@ -186,11 +218,17 @@ def sparsity_for_flops(model: nn.Module, target_reduction: float, input_shape: t
     def reduction(s: float) -> float:
         return dense / _uniform_flops(model, layers, groups, 1.0 - s, input_shape, min_channels)
 
-    lo, hi = 0.0, 1.0 - 1e-6
-    if reduction(hi) < target_reduction:
-        raise NapkitError(f"a {target_reduction}x FLOPs reduction is out of reach by pruning "
-                          f"{type(model).__name__}'s CHEX layers (at most {reduction(hi):.2f}x)")
+    return _bisect(reduction, target_reduction, tol=tol, what=f"{type(model).__name__}'s CHEX layers")
+
+
+def _bisect(reduction: Callable[[float], float], target: float, *, hi: float = 1.0, tol: float = 1e-3,
+            what: str = "the CHEX layers") -> float:
+    """Smallest sparsity in [0, hi) (within ``tol``) whose FLOPs ``reduction`` reaches ``target``."""
+    lo, hi = 0.0, hi - 1e-6
+    if reduction(hi) < target:
+        raise NapkitError(f"a {target}x FLOPs reduction is out of reach by pruning {what} "
+                          f"(at most {reduction(hi):.2f}x)")
     while hi - lo > tol:
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if reduction(mid) >= target_reduction else (mid, hi)
+        lo, hi = (lo, mid) if reduction(mid) >= target else (mid, hi)
     return hi

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from napkit.chex.explorer import Explorer, StepRecord
 from napkit.chex.schedule import Schedule
 from napkit.data import make_loader
+from napkit.errors import NapkitError
 from napkit.hashing import fingerprint
 from napkit.io import load_torch, save_torch
 from napkit.training.engine import evaluate, train_one_epoch
@@ -32,12 +33,18 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 StepCallback = Callable[[StepRecord], None]
 
 
-def make_explorer(model: nn.Module, cfg: DictConfig, seed: int, sparsity: float | None = None) -> Explorer:
-    """An explorer configured by the ``chex`` block (``sparsity`` overrides ``cfg.S``)."""
+def make_explorer(model: nn.Module, cfg: DictConfig, seed: int, sparsity: float | None = None,
+                  input_shape: tuple[int, ...] | None = None) -> Explorer:
+    """An explorer configured by the ``chex`` block (``sparsity`` overrides ``cfg.S``); with
+    ``cfg.target_flops_reduction`` and the model's ``input_shape``, every step matches that FLOPs target."""
+    target = cfg.get("target_flops_reduction")
+    if target is not None and input_shape is None:
+        raise NapkitError("chex.target_flops_reduction needs the model's input shape to measure FLOPs")
     return Explorer(model, sparsity=float(cfg.S if sparsity is None else sparsity), d0=float(cfg.d0),
                     regrowth=str(cfg.get("regrowth", "importance")), reinit=str(cfg.get("reinit", "mru")),
                     seed=seed, min_channels=int(cfg.get("min_channels", 1)),
-                    min_density=float(cfg.get("min_layer_density", 0.0)))
+                    min_density=float(cfg.get("min_layer_density", 0.0)),
+                    flops_target=None if target is None else (float(target), tuple(input_shape)))
 
 
 def train_chex(
@@ -52,6 +59,7 @@ def train_chex(
     device: torch.device,
     checkpoint: Path | None = None,
     sparsity: float | None = None,
+    input_shape: tuple[int, ...] | None = None,
     on_epoch: EpochCallback | None = None,
     on_step: StepCallback | None = None,
     desc: str = "chex",
@@ -60,13 +68,14 @@ def train_chex(
     """Train ``model`` from its current (random) weights for ``cfg.epochs`` with exploration.
 
     ``cfg`` is the ``chex`` config block (S, d0, dT, T_max_fraction, regrowth, reinit, epochs,
-    optimizer, scheduler, label_smoothing). Returns the explorer (final masks applied to ``model``)
+    optimizer, scheduler, label_smoothing, optionally target_flops_reduction, which needs the model's
+    ``input_shape``). Returns the explorer (final masks applied to ``model``)
     and the per-epoch history.
     """
     epochs = int(cfg.epochs)
     schedule = Schedule.create(epochs, float(cfg.d0), int(cfg.dT), float(cfg.T_max_fraction))
     model.to(device)
-    explorer = make_explorer(model, cfg, seed, sparsity)
+    explorer = make_explorer(model, cfg, seed, sparsity, input_shape)
     optimizer, scheduler = build_optimizer(model, cfg, epochs)
     key = fingerprint(OmegaConf.to_container(cfg, resolve=True), epochs, batch_size, seed, sparsity,
                       [list(p.shape) for p in model.parameters()])

@@ -69,8 +69,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     t0 = time.perf_counter()
     with stage_run(cfg, "chex_train") as tracker:
         def on_step(rec) -> None:
-            tracker.log_metrics({"density": rec.density, "regrown": rec.regrown, "kept": rec.kept,
-                                 "regrow_factor": rec.regrow_factor,
+            tracker.log_metrics({"sparsity": rec.sparsity, "density": rec.density, "regrown": rec.regrown,
+                                 "kept": rec.kept, "regrow_factor": rec.regrow_factor,
                                  **({"survived": rec.survived} if rec.survived is not None else {})},
                                 step=rec.epoch)
             tracker.log_metrics(rec.channels, step=rec.epoch, prefix="chex_train/channels/")
@@ -79,6 +79,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             model, splits.train, splits.val, cfg=cfg.chex, batch_size=int(cfg.data.batch_size),
             eval_batch_size=int(cfg.data.eval_batch_size), seed=int(cfg.seed), device=resolve_device(cfg.device),
             checkpoint=chex_checkpoint(cfg), sparsity=sparsity,
+            input_shape=input_shape(spec.in_channels, spec.input_size),
             on_epoch=lambda epoch, row: tracker.log_metrics(row, step=epoch), on_step=on_step, desc="chex")
         model.cpu()
         explorer.masks.apply_(model)
@@ -90,7 +91,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         last = history[-1] if history else {}
         survived = [r.survived for r in explorer.records if r.survived is not None]
         metrics = {"val_top1": last.get("val_top1", 0.0), "val_top5": last.get("val_top5", 0.0),
-                   "val_loss": last.get("val_loss", 0.0), "epochs": len(history), "sparsity_target": sparsity,
+                   "val_loss": last.get("val_loss", 0.0), "epochs": len(history),
+                   # the S of the last exploration (with a FLOPs target each step finds its own)
+                   "sparsity": explorer.records[-1].sparsity if explorer.records else sparsity,
                    "density": explorer.masks.density(), "explorations": len(explorer.records),
                    "regrown_total": sum(r.regrown for r in explorer.records),
                    "survived_total": sum(survived), "seconds": time.perf_counter() - t0}
