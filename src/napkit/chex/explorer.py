@@ -4,8 +4,9 @@
 uniformly at density ``1 - S + d0`` keeping the largest-L1 filters (after snapshotting the bank);
 ``step`` runs (a) budgets from |gamma| (with a FLOPs target, at the global sparsity whose budgets
 give that target, found by bisection on the measured FLOPs **[ours]**), (b) CSS pruning, (c) MRU
-restore, (d) importance-sampled regrowth, snapshot, apply, and (e) under ``torch.distributed`` takes rank 0's masks. Sampling uses a
-generator seeded from ``(seed, epoch)`` alone, so a run is deterministic and resumes exactly.
+restore, (d) importance-sampled regrowth, snapshot, apply, and (e) under ``torch.distributed`` takes
+rank 0's masks. Sampling uses a generator seeded from ``(seed, epoch)`` alone, so a run is deterministic
+and resumes exactly.
 """
 
 from __future__ import annotations
