@@ -26,7 +26,7 @@ from common import (DEVICE, RESULTS, dense_model, load_splits, log, optim_cfg, p
 from napkit.curvature import estimate_kfac
 from napkit.data import make_loader
 from napkit.pruning.loop import IterativePruner
-from napkit.structured import StructuredPruner
+from napkit.structured import StructuredPruner, create_channel_importance
 from napkit.structured.surgery import recalibrate_bn
 from napkit.training.engine import evaluate, train_one_epoch
 from napkit.training.trainer import fit
@@ -52,10 +52,9 @@ def run_method(method: str, dense: nn.Module, splits, test, grid: list[float], a
         loader = make_loader(splits.train_plain, batch_size=128, shuffle=True, seed=it)
         return estimate_kfac(m, loader, num_samples=args.kfac_samples, seed=it, progress=False)
 
-    kwargs = {"seed": 0} if importance == "random" else {}
-    pruner = StructuredPruner(importance, dense, input_shape=shape, step_fraction=args.step, allocation=allocation,
-                              target_flops_reduction=grid[-1], factors_provider=factors, damping=args.damping,
-                              **kwargs)
+    criterion = create_channel_importance("random", seed=0) if importance == "random" else importance
+    pruner = StructuredPruner(criterion, dense, input_shape=shape, step_fraction=args.step, allocation=allocation,
+                              target_flops_reduction=grid[-1], factors_provider=factors, damping=args.damping)
     n_batches = max(1, round(args.ft_fraction * len(splits.train) / args.batch))
     rows, pre = [], {}
 

@@ -64,10 +64,12 @@ def test_pipeline_runs_for_each_family(fast_cfg, model: str, method: str) -> Non
     assert any(k.startswith("prune/density/") for k in metrics)
 
 
-@pytest.mark.parametrize("model,method", [("vgg16_small", "nap_structured"), ("alexnet_small", "l1_uniform"),
-                                          ("resnet50_small", "nap_structured")])
-def test_structured_pipeline_for_each_family(fast_cfg, model: str, method: str) -> None:
-    cfg = fast_cfg(f"model={model}", f"prune={method}", "prune.structured.tolerance=100",
+@pytest.mark.parametrize("model,method", [("vgg16_small", ["prune=nap_structured"]),
+                                          ("alexnet_small", ["prune=l1_uniform"]),
+                                          ("resnet50_small", ["prune=nap_structured"]),
+                                          ("vgg16_small", ["prune=random", "prune.mode=structured"])])
+def test_structured_pipeline_for_each_family(fast_cfg, model: str, method: list[str]) -> None:
+    cfg = fast_cfg(f"model={model}", *method, "prune.structured.tolerance=100",
                    "prune.structured.step_fraction=0.4", *SMALLER.get(model, ()))
     ev = _run_all(cfg)["evaluate"]
     # physically smaller: fewer parameters and FLOPs than the dense model, every weight stored

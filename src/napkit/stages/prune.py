@@ -31,7 +31,7 @@ from napkit.pruning.masks import MaskSet
 from napkit.stages.common import (checkpoint_path, load_splits, seed_everything, stage_dir, write_csv,
                                   write_metrics)
 from napkit.stages.curvature import estimate
-from napkit.structured import channel_groups, channel_importance_class
+from napkit.structured import ChannelImportance, channel_groups, channel_importance_class
 from napkit.structured.pruner import StructuredPruner
 from napkit.structured.surgery import channel_counts, recalibrate_bn, slim_to
 from napkit.tracking import StageTracker, stage_run
@@ -68,10 +68,15 @@ def _weight_criterion(cfg: DictConfig) -> Importance:
     return create_importance(str(p.method), **kwargs)
 
 
-def _channel_method(cfg: DictConfig) -> str:
-    """The channel criterion's registry name (``nap`` ranks per FLOP when ``structured.per_flop``)."""
+def _channel_criterion(cfg: DictConfig) -> ChannelImportance:
+    """The channel criterion ``prune.method`` names (``nap`` ranks per FLOP when ``structured.per_flop``),
+    with its settings."""
     p = cfg.prune
-    return "nap_per_flop" if p.method == "nap" and p.structured.per_flop else str(p.method)
+    method = "nap_per_flop" if p.method == "nap" and p.structured.per_flop else str(p.method)
+    cls = channel_importance_class(method)
+    if cls.needs_curvature:
+        return cls(damping=float(p.get("damping", 0.1)))  # type: ignore[call-arg]
+    return cls(seed=int(cfg.seed)) if method == "random" else cls()  # type: ignore[call-arg]
 
 
 def _fine_grained(cfg: DictConfig, provider: FactorsProvider) -> dict:
@@ -89,14 +94,12 @@ def _structured(cfg: DictConfig, dense: nn.Module, spec: ModelSpec, splits: Data
                 provider: FactorsProvider, device: torch.device) -> dict:
     """Loop parts for channel pruning: physical removal, then BatchNorm recalibration."""
     p, s = cfg.prune, cfg.prune.structured
-    method = _channel_method(cfg)
-    kwargs = {"seed": int(cfg.seed)} if method == "random" else {}
-    pruner = StructuredPruner(method, dense, input_shape=input_shape(spec.in_channels, spec.input_size),
+    pruner = StructuredPruner(_channel_criterion(cfg), dense, input_shape=input_shape(spec.in_channels, spec.input_size),
                               step_fraction=float(s.step_fraction),
                               target_flops_reduction=s.get("target_flops_reduction"),
                               target_params_reduction=s.get("target_params_reduction"),
                               allocation=str(p.allocation), max_group_sparsity=float(s.max_group_sparsity),
-                              round_to=int(s.get("round_to", 1)), factors_provider=provider, damping=float(p.get("damping", 0.1)), **kwargs)
+                              round_to=int(s.get("round_to", 1)), factors_provider=provider)
     dense_sizes = {g.id: g.size for g in channel_groups(dense)}
 
     def step(model: nn.Module, masks: MaskSet | None, it: int) -> tuple[nn.Module, None]:
@@ -148,7 +151,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if mode not in MODES:
         raise unknown_choice("prune.mode", mode, MODES)
     if mode == "structured":  # bad names fail before any long work
-        channel_importance_class(_channel_method(cfg))
+        _channel_criterion(cfg)
     else:
         _weight_criterion(cfg)
     model, spec, masks = load_model(stage_dir(cfg, "pretrain"))
