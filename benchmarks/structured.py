@@ -60,7 +60,7 @@ def run_method(method: str, dense: nn.Module, splits, test, grid: list[float], a
 
     def step(m: nn.Module, _mk, it: int):
         reached = pruner.measure(m)["flops_reduction"]
-        pruner.target = ("flops", next(g for g in grid if g > reached * (1 + HIT)))
+        pruner.target = ("flops", next((g for g in grid if g > reached * (1 + HIT)), grid[-1]))
         m = pruner(m, it)
         recalibrate_bn(m, make_loader(splits.train_plain, batch_size=args.batch, shuffle=True, seed=it), 20)
         pre[it] = evaluate(m, test, device=DEVICE, progress=False)["top1"]
@@ -97,7 +97,7 @@ def run_method(method: str, dense: nn.Module, splits, test, grid: list[float], a
 
     loop = IterativePruner(step=step_and_keep, finetune=finetune, measure=lambda m, k: pruner.measure(m),
                            validate=lambda m: evaluate(m, test, device=DEVICE, progress=False),
-                           reached=lambda m, k: pruner.measure(m)["flops_reduction"] >= grid[-1] * (1 - 1e-9),
+                           reached=lambda m, k: pruner.measure(m)["flops_reduction"] >= grid[-1] * (1 - HIT),
                            tolerance=math.inf, max_iterations=60, on_record=on_record)
     loop.run(model, None)
     return rows
