@@ -32,6 +32,7 @@ from napkit.pruning.fine_grained import FineGrainedPruner
 from napkit.pruning.importance import create_importance
 from napkit.pruning.loop import IterativePruner
 from napkit.pruning.masks import MaskSet
+from napkit.structured.surgery import recalibrate_bn
 from napkit.training.engine import evaluate, train_one_epoch
 from napkit.training.trainer import fit
 
@@ -159,7 +160,11 @@ class RunConfig:
     grid: Sequence[float]
     step_fraction: float = 0.5  # p: share of the remaining weights pruned per step (never past the next grid point)
     finetune_fraction: float = 0.5  # epochs of fine-tuning after every step (same for every method)
-    lr: float = 0.01  # constant fine-tune LR (SGD+Nesterov, momentum 0.9, wd 5e-4), fresh optimizer per step
+    lr: float = 0.01  # fine-tune LR (SGD+Nesterov, momentum 0.9, wd 5e-4), fresh optimizer per step
+    # "cosine": decays from lr to 0 over each step's fine-tune, as the pipeline's loop fine-tunes do (a
+    # constant LR stops mid-SGD, where a BatchNorm net sits points below where it would settle)
+    lr_schedule: str = "cosine"
+    bn_recalibration: int = 20  # batches re-estimating BatchNorm statistics right after each pruning step
     batch_size: int = 128
     damping: float = 0.1
     max_layer_sparsity: float = 0.99
@@ -229,6 +234,9 @@ def prune_run(dense: nn.Module, splits: DataSplits, test_batches, cfg: RunConfig
         pruner.target = 1.0 - 1.0 / nxt
         amount = pruner.amount(mk)
         m, new = pruner(m, mk, it)
+        if cfg.bn_recalibration:  # the pruned weights shift every activation: stale statistics, not the criterion
+            recalibrate_bn(m, make_loader(splits.train_plain, batch_size=cfg.batch_size, shuffle=True,
+                                          seed=1000 * cfg.seed + it), cfg.bn_recalibration)
         removed = kept - new.counts()[0]
         if removed < amount:  # caps / one-weight-per-row rule, or non-finite scores: say so
             bad = {n: int((~torch.isfinite(p.weight)).sum()) for n, p in prunable_layers(m).items()}
@@ -243,13 +251,23 @@ def prune_run(dense: nn.Module, splits: DataSplits, test_batches, cfg: RunConfig
     def finetune(m: nn.Module, mk: MaskSet, it: int) -> None:
         torch.manual_seed(1000 * cfg.seed + it)
         opt = torch.optim.SGD(m.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+        def scheduled(batches, start: int):
+            """Set each batch's LR just before the optimizer step that uses it."""
+            for i, batch in enumerate(batches, start):
+                if cfg.lr_schedule == "cosine":
+                    for group in opt.param_groups:
+                        group["lr"] = 0.5 * cfg.lr * (1.0 + math.cos(math.pi * i / n_batches))
+                yield batch
+
         done = 0
         epoch = 0
         while done < n_batches:  # n_batches may exceed one epoch
             loader = make_loader(splits.train, batch_size=cfg.batch_size, shuffle=True,
                                  seed=1000 * cfg.seed + it, epoch=epoch)
             take = min(n_batches - done, len(loader))
-            train_one_epoch(m, itertools.islice(loader, take), opt, device=DEVICE, masks=mk, progress=False)
+            train_one_epoch(m, scheduled(itertools.islice(loader, take), done), opt, device=DEVICE, masks=mk,
+                            progress=False)
             done += take
             epoch += 1
 

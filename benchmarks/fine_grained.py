@@ -3,8 +3,10 @@
 Fair by construction: per dataset every method starts from the SAME dense model (trained once, cached),
 goes down the SAME fixed compression grid with the same geometric schedule (each step prunes ``--p``
 of the remaining weights, stopping at the next grid point, so every method takes the same steps),
-gets the same fine-tune budget after every step (``--ft`` epochs, SGD+Nesterov, constant LR chosen for
-the magnitude baseline via ``--lr-sweep``, NOT tuned for NAP), the same per-layer cap
+gets the same fine-tune budget after every step (``--ft`` epochs, SGD+Nesterov, the LR chosen for
+the magnitude baseline via ``--lr-sweep``, NOT tuned for NAP, decayed to 0 over each fine-tune by a cosine
+as in the pipeline's loop; ``--lr-schedule constant`` keeps it flat), BatchNorm statistics re-estimated
+right after every pruning step, the same per-layer cap
 (``--cap``) and the same seeds. The stopping rule is off. TEST top-1 is evaluated right after each
 pruning step (before fine-tuning) and after the fine-tune. Seeds vary the fine-tune batch order, the
 K-FAC samples / sampled labels, and the random criterion; the dense model is shared.
@@ -93,7 +95,7 @@ def run_dataset(name: str, args) -> float:
     def cfg(method: str, seed: int, lr_: float | None = None) -> RunConfig:
         """The run's config; ``lr_`` None: the LR chosen so far (read at call time, after the LR sweep)."""
         return RunConfig(method=method, seed=seed, grid=setup["grid"], step_fraction=args.p, finetune_fraction=ft,
-                         lr=lr if lr_ is None else lr_, damping=args.damping, max_layer_sparsity=args.cap, kfac_samples=args.kfac_samples,
+                         lr=lr if lr_ is None else lr_, lr_schedule=args.lr_schedule, damping=args.damping, max_layer_sparsity=args.cap, kfac_samples=args.kfac_samples,
                          recompute_curvature=not args.curvature_once)
 
     if args.lr_sweep:
@@ -139,7 +141,7 @@ def run_dataset(name: str, args) -> float:
     title = (f"{name}: {setup['model']} {setup['kwargs'] or ''} dense test top-1 {dense_top1:.2f}; "
              f"train set {len(splits.train)} images{' (seeded subset)' if setup['subset'] else ''}, test set "
              f"{len(splits.test)}{' (seeded subset)' if setup.get('test_subset') else ''}; "
-             f"seeds {args.seeds}; p={args.p}, fine-tune {ft} epoch/step at lr {lr:g}, cap {args.cap}, "
+             f"seeds {args.seeds}; p={args.p}, fine-tune {ft} epoch/step at lr {lr:g} ({args.lr_schedule}), cap {args.cap}, "
              f"damping {args.damping}, K-FAC N={args.kfac_samples}"
              f"{' estimated once' if args.curvature_once else ' re-estimated every step'}")
     print()
@@ -205,6 +207,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="fine-tune LR, every method (default 0.01)")
     ap.add_argument("--lr-sweep", nargs="*", type=float, default=None,
                     help="choose the fine-tune LR among these for global magnitude, then use it for all")
+    ap.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"],
+                    help="fine-tune LR within each step: cosine decay to 0, or constant")
     ap.add_argument("--kfac-samples", type=int, default=1024)
     ap.add_argument("--cached-only", action="store_true",
                     help="only report runs already cached under benchmarks/results/runs (no new runs)")
