@@ -155,8 +155,8 @@ class Explorer:
 
         def reduction(s: float) -> float:
             keep, _ = layer_budgets(scores, s, 0.0, self.min_channels, self.min_density)
-            plan = {l.id: torch.arange(max(keep[l.id], self.min_channels, 1)) for l in self.layers}
-            return self.dense_flops / count_flops(apply(cpu, plan, groups=self.groups), shape)[0]
+            counts = {l.id: max(keep[l.id], self.min_channels, 1) for l in self.layers}
+            return self.dense_flops / _flops_keeping(cpu, self.layers, self.groups, counts, shape)
 
         return _bisect(reduction, target, hi=1.0 - self.min_density)
 
@@ -195,9 +195,10 @@ def compact(model: nn.Module, masks: ChannelMasks, groups: list[ChannelGroup] | 
     return apply(model, masks.plan(), groups=groups)
 
 
-def _uniform_flops(model: nn.Module, layers: list[ChexLayer], groups: list[ChannelGroup], density: float,
-                   shape: tuple[int, ...], min_channels: int) -> int:
-    plan = {l.id: torch.arange(min(l.size, max(min_channels, round(density * l.size)))) for l in layers}
+def _flops_keeping(model: nn.Module, layers: list[ChexLayer], groups: list[ChannelGroup] | None,
+                   counts: dict[str, int], shape: tuple[int, ...]) -> int:
+    """FLOPs of ``model`` compacted to ``counts[layer]`` channels per CHEX layer (which ones: irrelevant)."""
+    plan = {l.id: torch.arange(counts[l.id]) for l in layers}
     return count_flops(apply(model, plan, groups=groups), shape)[0]
 
 
@@ -217,7 +218,8 @@ def sparsity_for_flops(model: nn.Module, target_reduction: float, input_shape: t
     dense = count_flops(model, input_shape)[0]
 
     def reduction(s: float) -> float:
-        return dense / _uniform_flops(model, layers, groups, 1.0 - s, input_shape, min_channels)
+        counts = {l.id: min(l.size, max(min_channels, round((1.0 - s) * l.size))) for l in layers}
+        return dense / _flops_keeping(model, layers, groups, counts, input_shape)
 
     return _bisect(reduction, target_reduction, tol=tol, what=f"{type(model).__name__}'s CHEX layers")
 
