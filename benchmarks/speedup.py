@@ -21,7 +21,12 @@ small ops do not amortise the threads' synchronisation), and the last line is
 ``latency_over_flops=<min over those rows of speed-up / FLOPs reduction>`` (1.0 = latency falls as fast as
 FLOPs). The minimum at each fixed thread count is printed too.
 
-    python benchmarks/speedup.py [--models vgg16 resnet50] [--targets 2 4] [--repeats 10 3] [--threads 1 2] [--forms eager frozen compiled]
+``--per-layer`` then says where the time goes at batch 1: every Conv2d/Linear of the dense and pruned
+models timed on its own (frozen, at the largest ``--threads``), summed by kind (1x1 conv, 3x3 conv, other
+conv, linear): each kind's share of the dense FLOPs, its FLOPs and latency reductions and its GFLOP/s, next
+to the whole model's (frozen).
+
+    python benchmarks/speedup.py [--models vgg16 resnet50] [--targets 2 4] [--repeats 10 3] [--threads 1 2] [--forms eager frozen compiled] [--per-layer]
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from napkit.evaluation.cost import layer_flops
 from napkit.models import create_model
 from napkit.structured import StructuredPruner
 
@@ -93,6 +99,63 @@ def latencies(models: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Ten
     return [statistics.median(t) for t in times]
 
 
+def layer_kind(layer: nn.Module) -> str:
+    if isinstance(layer, nn.Linear):
+        return "linear"
+    k = tuple(layer.kernel_size)
+    return f"conv{k[0]}x{k[1]}" if k in ((1, 1), (3, 3)) else "conv other"
+
+
+def layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[nn.Module, torch.Size]]:
+    """Every Conv2d/Linear of ``model`` with the input shape it sees on ``x``."""
+    seen: dict[str, tuple[nn.Module, torch.Size]] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+            seen[name] = (module, inputs[0].shape)
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.inference_mode():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def per_layer_report(name: str, dense: nn.Module, pruned: list[tuple[nn.Module, float]], targets: list[float],
+                     repeats: int) -> None:
+    """Batch-1 time of every Conv2d/Linear alone (frozen), dense vs pruned, summed per kind, and the whole
+    model's (frozen): which kinds of layer lose efficiency (GFLOP/s) when they get narrower."""
+    x = torch.randn(SHAPE)
+    models = [dense] + [m for m, _ in pruned]
+    shapes = [layer_inputs(m, x) for m in models]
+    flops = [layer_flops(m, SHAPE)[1] for m in models]
+    kinds: dict[str, list[list[float]]] = {}  # kind: per model [flops, ms]
+    for layer_name, (layer, _) in shapes[0].items():
+        timed = [frozen(nn.Sequential(s[layer_name][0]), torch.randn(s[layer_name][1])) for s in shapes]
+        inputs = [torch.randn(s[layer_name][1]) for s in shapes]
+        ms = latencies([lambda _x, f=f, inp=inp: f(inp) for f, inp in zip(timed, inputs)], x, repeats)
+        acc = kinds.setdefault(layer_kind(layer), [[0.0, 0.0] for _ in models])
+        for i, t in enumerate(ms):
+            acc[i][0] += flops[i].get(layer_name, 0)
+            acc[i][1] += t
+    whole = latencies([frozen(m, x) for m in models], x, repeats)
+    dense_flops = sum(acc[0][0] for acc in kinds.values())
+    print(f"\n{name}, batch 1, {torch.get_num_threads()} thread(s), layers timed alone (frozen)")
+    print(f"{'target':>6} {'kind':<10} {'dense_flops%':>12} {'flops_red':>9} {'dense_ms':>9} {'pruned_ms':>9} "
+          f"{'lat_red':>7} {'GF/s dense':>10} {'GF/s pruned':>11}")
+    for i, target in enumerate(targets, start=1):
+        for kind, acc in kinds.items():
+            (fd, td), (fp, tp) = acc[0], acc[i]
+            print(f"{target:>5.1f}x {kind:<10} {100 * fd / dense_flops:>11.1f}% {fd / fp:>8.2f}x {td:>9.2f} "
+                  f"{tp:>9.2f} {td / tp:>6.2f}x {fd / td / 1e6:>10.0f} {fp / tp / 1e6:>11.0f}")
+        red = pruned[i - 1][1]
+        print(f"{target:>5.1f}x {'model':<10} {100.0:>11.1f}% {red:>8.2f}x {whole[0]:>9.2f} {whole[i]:>9.2f} "
+              f"{whole[0] / whole[i]:>6.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["vgg16", "resnet50"])
@@ -102,6 +165,8 @@ def main() -> None:
                         help="kept channel counts multiple of this (default: the CPU's float32 SIMD width)")
     parser.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="torch thread counts to measure")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="also time every conv/linear layer alone at batch 1: where the speed-up is lost")
     parser.add_argument("--system-malloc", action="store_true",
                         help="keep glibc's default malloc (freed activations go back to the OS)")
     args = parser.parse_args()
@@ -136,6 +201,9 @@ def main() -> None:
             (form, threads), (dense_ms, ratios) = min(rows.items(), key=lambda kv: kv[1][0])
             print(f"{name:<9} batch {batch}: deployment {form}, {threads} thread(s) (dense {dense_ms:.1f} ms)")
             deployed += ratios
+        if args.per_layer:
+            torch.set_num_threads(max(args.threads))
+            per_layer_report(name, dense, pruned, args.targets, args.repeats[0])
     print(f"repeats: batch 1 median of {args.repeats[0]}, batch 64 median of {args.repeats[1]}; "
           f"channel counts multiple of {args.round_to}; malloc "
           f"{'glibc default' if args.system_malloc else 'keeping freed memory (MALLOC_MMAP_MAX_=0)'}")

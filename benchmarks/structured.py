@@ -108,7 +108,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["vgg16_small", "resnet50_small"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--grid", nargs="+", type=float, default=[2.0, 4.0])
-    parser.add_argument("--subset", type=int, default=10000, help="CIFAR-10 training images used")
+    parser.add_argument("--subset", type=int, default=10000, help="CIFAR-10 training images used (0: all 50k)")
+    parser.add_argument("--subset-test", type=int, default=0, help="CIFAR-10 test images used (0: all 10k)")
+    parser.add_argument("--out", default=None, help="results name (default structured / structured-quick)")
     parser.add_argument("--dense-epochs", type=int, default=15)
     parser.add_argument("--step", type=float, default=0.2)
     parser.add_argument("--ft-fraction", type=float, default=0.5, help="epochs of fine-tuning after each step")
@@ -121,14 +123,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny budget smoke run")
     args = parser.parse_args()
     if args.quick:
-        args.subset, args.dense_epochs, args.final_epochs, args.ft_fraction = 1000, 2, 1, 0.2
+        args.subset, args.subset_test, args.dense_epochs, args.final_epochs, args.ft_fraction = 1000, 500, 2, 1, 0.2
     torch.set_num_threads(args.threads)
     widths = {"vgg16_small": 0.25, "resnet50_small": 0.125}
     results = []
     for name in args.models:
-        splits = load_splits("cifar10", subset_train=args.subset, subset_test=2000)
+        splits = load_splits("cifar10", subset_train=args.subset or None, subset_test=args.subset_test or None)
         test = tensor_batches(splits.test)
-        dense = dense_model(name, "cifar10", splits, epochs=args.dense_epochs, lr=0.05, subset_train=args.subset,
+        dense = dense_model(name, "cifar10", splits, epochs=args.dense_epochs, lr=0.05, subset_train=args.subset or None,
                             model_kwargs={"width": widths.get(name, 0.25)})
         top1_dense = evaluate(dense, test, device=DEVICE, progress=False)["top1"]
         log(f"{name}: dense test top-1 {top1_dense:.2f}")
@@ -137,12 +139,13 @@ def main() -> None:
             for row in run_method(method, dense, splits, test, sorted(args.grid), args):
                 results.append({"model": name, "dense_top1": top1_dense, "seconds": time.perf_counter() - t0, **row})
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tag = "structured-quick" if args.quick else "structured"
+    tag = args.out or ("structured-quick" if args.quick else "structured")
     (RESULTS / f"{tag}.json").write_text(json.dumps(results, indent=2))
     print_table(["model", "method", "FLOPs red.", "params red.", "top-1 pre-ft", "top-1", "dense top-1"],
                 [[r["model"], r["method"], f"{r['flops_reduction']:.2f}x", f"{r['params_reduction']:.2f}x",
                   f"{r['pre_ft_top1']:.2f}", f"{r['top1']:.2f}", f"{r['dense_top1']:.2f}"] for r in results],
-                title=f"CIFAR-10 ({args.subset} training images), test top-1 after the final fine-tune")
+                title=f"CIFAR-10 ({len(splits.train)} training / {len(splits.test)} test images), test top-1 after the "
+                      f"final fine-tune")
     plt = pyplot()
     fig, axes = plt.subplots(1, len(args.models), figsize=(6 * len(args.models), 4), squeeze=False)
     for ax, name in zip(axes[0], args.models):
