@@ -164,7 +164,7 @@ def run_case(name: str, target: float, splits, test, *, epochs: int, lr: float, 
             while not pruner.reached(model) and it < 10:
                 it += 1
                 model = pruner(model, it)
-                recalibrate_bn(model, make_loader(splits.train_plain, batch_size=128, shuffle=True, seed=it), 10)
+                recalibrate_bn(model, make_loader(splits.train, batch_size=128, shuffle=True, seed=it), 10)
             fit(model, splits.train, splits.val, cfg=optim_cfg(lr / 5, max(1, epochs - half)), batch_size=batch,
                 eval_batch_size=1000, seed=1, device=DEVICE, checkpoint=scratch(), progress=False)
             record(method, model, t0)

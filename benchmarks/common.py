@@ -165,6 +165,9 @@ class RunConfig:
     # constant LR stops mid-SGD, where a BatchNorm net sits points below where it would settle)
     lr_schedule: str = "cosine"
     bn_recalibration: int = 20  # batches re-estimating BatchNorm statistics right after each pruning step
+    # from the AUGMENTED training split, as the dense model's statistics were: statistics of plain images
+    # alone cost the dense CIFAR-10 VGG 1.9 points (73.20 -> 71.30), before any weight was pruned
+    bn_recalibration_data: str = "train"
     batch_size: int = 128
     damping: float = 0.1
     max_layer_sparsity: float = 0.99
@@ -235,8 +238,8 @@ def prune_run(dense: nn.Module, splits: DataSplits, test_batches, cfg: RunConfig
         amount = pruner.amount(mk)
         m, new = pruner(m, mk, it)
         if cfg.bn_recalibration:  # the pruned weights shift every activation: stale statistics, not the criterion
-            recalibrate_bn(m, make_loader(splits.train_plain, batch_size=cfg.batch_size, shuffle=True,
-                                          seed=1000 * cfg.seed + it), cfg.bn_recalibration)
+            recalibrate_bn(m, make_loader(getattr(splits, cfg.bn_recalibration_data), batch_size=cfg.batch_size,
+                                          shuffle=True, seed=1000 * cfg.seed + it), cfg.bn_recalibration)
         removed = kept - new.counts()[0]
         if removed < amount:  # caps / one-weight-per-row rule, or non-finite scores: say so
             bad = {n: int((~torch.isfinite(p.weight)).sum()) for n, p in prunable_layers(m).items()}

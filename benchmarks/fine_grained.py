@@ -78,6 +78,8 @@ def run_dataset(name: str, args) -> float:
         setup.update(epochs=1, subset=3000 if name == "cifar10" else 6000, grid=[2, 4, 8, 16], fixed=8)
     if name == "cifar10" and args.cifar_subset is not None:
         setup["subset"] = args.cifar_subset or None
+    if args.dense_epochs is not None:
+        setup["epochs"] = args.dense_epochs
     t0 = time.perf_counter()
     splits = load_splits(name, subset_train=setup["subset"], subset_test=setup.get("test_subset"))
     dense = dense_model(setup["model"], name, splits, epochs=setup["epochs"], lr=setup["lr"],
@@ -89,7 +91,7 @@ def run_dataset(name: str, args) -> float:
     log(f"{name}: {setup['model']} {setup['kwargs']}, train {len(splits.train)} images"
         f"{' (seeded subset of ' + str(setup['subset']) + ' incl. val)' if setup['subset'] else ''}, "
         f"test {len(splits.test)}{' (seeded subset)' if setup.get('test_subset') else ''}; dense test top-1 {dense_top1:.2f}; fine-tune {ft} epoch/step, p={args.p}")
-    tag = f"{name}{'-quick' if args.quick else ''}"
+    tag = f"{name}{'-quick' if args.quick else ''}{'-' + args.tag if args.tag else ''}"
     lr = args.lr if args.lr is not None else (0.01 if name == "mnist" else 0.01)
 
     def cfg(method: str, seed: int, lr_: float | None = None) -> RunConfig:
@@ -214,6 +216,9 @@ def main() -> None:
                     help="only report runs already cached under benchmarks/results/runs (no new runs)")
     ap.add_argument("--curvature-once", action="store_true", help="K-FAC on the dense model only")
     ap.add_argument("--cifar-subset", type=int, default=None, help="CIFAR train subset (0: all 50k)")
+    ap.add_argument("--dense-epochs", type=int, default=None,
+                    help="epochs of the dense model (default: 4 MNIST, 10 CIFAR-10)")
+    ap.add_argument("--tag", default=None, help="suffix of the results' names (fine_grained_<dataset>-<tag>.*)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on the shared 2 cores)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

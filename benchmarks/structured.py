@@ -62,7 +62,7 @@ def run_method(method: str, dense: nn.Module, splits, test, grid: list[float], a
         reached = pruner.measure(m)["flops_reduction"]
         pruner.target = ("flops", next((g for g in grid if g > reached * (1 + HIT)), grid[-1]))
         m = pruner(m, it)
-        recalibrate_bn(m, make_loader(splits.train_plain, batch_size=args.batch, shuffle=True, seed=it), 20)
+        recalibrate_bn(m, make_loader(splits.train, batch_size=args.batch, shuffle=True, seed=it), 20)
         pre[it] = evaluate(m, test, device=DEVICE, progress=False)["top1"]
         return m, None
 
