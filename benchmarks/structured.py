@@ -162,8 +162,9 @@ def main() -> None:
     for name in args.models:
         for target in args.grid:
             by = {r["method"]: r["top1"] for r in results if r["model"] == name and r["target"] == target}
-            if "nap" in by and "l1_uniform" in by:
-                print(f"{name} {target:g}x: nap - l1_uniform = {by['nap'] - by['l1_uniform']:+.2f} points")
+            for nap in ("nap_per_flop", "nap"):  # the pipeline's default (structured.per_flop), then loss only
+                if nap in by and "l1_uniform" in by:
+                    print(f"{name} {target:g}x: {nap} - l1_uniform = {by[nap] - by['l1_uniform']:+.2f} points")
 
 
 if __name__ == "__main__":
