@@ -134,8 +134,8 @@ def per_layer_report(name: str, dense: nn.Module, pruned: list[tuple[nn.Module, 
     flops = [layer_flops(m, SHAPE)[1] for m in models]
     kinds: dict[str, list[list[float]]] = {}  # kind: per model [flops, ms]
     for layer_name, (layer, _) in shapes[0].items():
-        timed = [frozen(nn.Sequential(s[layer_name][0]), torch.randn(s[layer_name][1])) for s in shapes]
         inputs = [torch.randn(s[layer_name][1]) for s in shapes]
+        timed = [frozen(nn.Sequential(s[layer_name][0]), inp) for s, inp in zip(shapes, inputs)]
         ms = latencies([lambda _x, f=f, inp=inp: f(inp) for f, inp in zip(timed, inputs)], x, repeats)
         acc = kinds.setdefault(layer_kind(layer), [[0.0, 0.0] for _ in models])
         for i, t in enumerate(ms):

@@ -137,8 +137,9 @@ def test_structured_surgery_recalibrates_batchnorm_on_the_augmented_training_spl
     cfg = compose_cfg("model=vgg16_small", "prune=l1", "data.subset_train=128", "model.width=0.125")
     splits = load_splits(cfg)
     splits = dataclasses.replace(splits, train=_Shifted(splits.train_plain, 3.0))
-    dense = model_spec(cfg, splits).build().eval()
-    parts = prune._structured(cfg, dense, model_spec(cfg, splits), splits, provider=None, device=torch.device("cpu"))
+    spec = model_spec(cfg, splits)
+    dense = spec.build().eval()
+    parts = prune._structured(cfg, dense, spec, splits, provider=None, device=torch.device("cpu"))
     smaller, _ = parts["step"](dense, None, 1)
     assert parts["measure"](smaller, None)["flops_reduction"] > 1.0
     got = smaller.features[1].running_mean.clone()
