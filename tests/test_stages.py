@@ -152,3 +152,21 @@ def test_structured_surgery_recalibrates_batchnorm_on_the_augmented_training_spl
 
     torch.testing.assert_close(got, recalibrated(splits.train))
     assert not torch.allclose(got, recalibrated(splits.train_plain), atol=1e-2)
+
+
+def test_structured_stage_ranks_per_millisecond_with_a_latency_batch(compose_cfg) -> None:
+    """``prune.structured.latency_batch`` times the dense model's layers here and ranks NAP per millisecond
+    (plain NAP scores, not per FLOP); every measurement carries the table's latency of the model."""
+    cfg = compose_cfg("model=vgg16_small", "prune=nap_structured", "data.subset_train=128", "model.width=0.125",
+                      "prune.structured.latency_batch=1")
+    assert prune._channel_criterion(cfg).name == "nap"
+    cfg = compose_cfg("model=vgg16_small", "prune=l1", "data.subset_train=128", "model.width=0.125",
+                      "prune.structured.latency_batch=1")
+    splits = load_splits(cfg)
+    spec = model_spec(cfg, splits)
+    dense = spec.build().eval()
+    parts = prune._structured(cfg, dense, spec, splits, provider=None, device=torch.device("cpu"))
+    smaller, _ = parts["step"](dense, None, 1)
+    before, after = parts["measure"](dense, None), parts["measure"](smaller, None)
+    assert 0 < after["latency_table_ms"] < before["latency_table_ms"]
+    assert after["flops_reduction"] > 1.0

@@ -28,10 +28,17 @@ from napkit.pruning.fine_grained import FineGrainedPruner, target_sparsity
 from napkit.pruning.importance import Importance, create_importance
 from napkit.pruning.loop import IterationRecord, IterativePruner, LoopResult
 from napkit.pruning.masks import MaskSet
-from napkit.stages.common import (checkpoint_path, load_splits, seed_everything, stage_dir, write_csv,
-                                  write_metrics)
+from napkit.stages.common import (
+    checkpoint_path,
+    load_splits,
+    seed_everything,
+    stage_dir,
+    write_csv,
+    write_metrics,
+)
 from napkit.stages.curvature import estimate
 from napkit.structured import ChannelImportance, channel_groups, channel_importance_class
+from napkit.structured.latency import LatencyTable
 from napkit.structured.pruner import StructuredPruner
 from napkit.structured.surgery import channel_counts, recalibrate_bn, slim_to
 from napkit.tracking import StageTracker, stage_run
@@ -69,10 +76,11 @@ def _weight_criterion(cfg: DictConfig) -> Importance:
 
 
 def _channel_criterion(cfg: DictConfig) -> ChannelImportance:
-    """The channel criterion ``prune.method`` names (``nap`` ranks per FLOP when ``structured.per_flop``),
-    with its settings."""
+    """The channel criterion ``prune.method`` names (``nap`` ranks per FLOP when ``structured.per_flop``
+    and no latency table divides it instead), with its settings."""
     p = cfg.prune
-    method = "nap_per_flop" if p.method == "nap" and p.structured.per_flop else str(p.method)
+    per_flop = p.structured.per_flop and p.structured.get("latency_batch") is None
+    method = "nap_per_flop" if p.method == "nap" and per_flop else str(p.method)
     cls = channel_importance_class(method)
     if cls.needs_curvature:
         return cls(damping=float(p.get("damping", 0.1)))  # type: ignore[call-arg]
@@ -94,12 +102,15 @@ def _structured(cfg: DictConfig, dense: nn.Module, spec: ModelSpec, splits: Data
                 provider: FactorsProvider, device: torch.device) -> dict:
     """Loop parts for channel pruning: physical removal, then BatchNorm recalibration."""
     p, s = cfg.prune, cfg.prune.structured
+    latency = None
+    if s.get("latency_batch") is not None:  # timed here, on this machine's CPU: run the stage where you deploy
+        latency = LatencyTable(dense, input_shape(spec.in_channels, spec.input_size, batch=int(s.latency_batch)))
     pruner = StructuredPruner(_channel_criterion(cfg), dense, input_shape=input_shape(spec.in_channels, spec.input_size),
                               step_fraction=float(s.step_fraction),
                               target_flops_reduction=s.get("target_flops_reduction"),
                               target_params_reduction=s.get("target_params_reduction"),
                               allocation=str(p.allocation), max_group_sparsity=float(s.max_group_sparsity),
-                              round_to=int(s.get("round_to", 1)), factors_provider=provider)
+                              round_to=int(s.get("round_to", 1)), factors_provider=provider, latency=latency)
     dense_sizes = {g.id: g.size for g in channel_groups(dense)}
 
     def step(model: nn.Module, masks: MaskSet | None, it: int) -> tuple[nn.Module, None]:
@@ -114,7 +125,12 @@ def _structured(cfg: DictConfig, dense: nn.Module, spec: ModelSpec, splits: Data
     def density(model: nn.Module, masks: MaskSet | None) -> dict[str, float]:
         return {g.id: g.size / dense_sizes[g.id] for g in channel_groups(model.cpu())}
 
-    return {"step": step, "measure": lambda m, k: _float(pruner.measure(m.cpu())),
+    def measure(model: nn.Module, masks: MaskSet | None) -> dict[str, float]:
+        cpu = model.cpu()
+        table = {"latency_table_ms": latency.model_ms(cpu)} if latency is not None else {}
+        return _float({**pruner.measure(cpu), **table})
+
+    return {"step": step, "measure": measure,
             "reached": lambda m, k: pruner.reached(m.cpu()), "density": density,
             "describe": channel_counts, "rebuild": lambda counts: slim_to(spec.build(), counts).to(device)}
 

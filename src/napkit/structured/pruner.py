@@ -21,6 +21,7 @@ from napkit.evaluation.cost import layer_flops
 from napkit.pruning.allocation import CannotPruneFurther
 from napkit.structured.groups import ChannelGroup, channel_groups, in_channels, rows
 from napkit.structured.importance import ChannelImportance, ScoreInputs, channel_importance_class
+from napkit.structured.latency import LatencyTable
 from napkit.structured.surgery import apply
 
 FactorsProvider = Callable[[nn.Module, int], dict[str, KFACFactors]]
@@ -128,7 +129,10 @@ class StructuredPruner:
     least ``1 - max_group_sparsity`` of its dense channels. ``round_to = r > 1`` keeps every group
     that loses channels at a multiple of r (rounded up: fewer removals, best-scored ones dropped),
     which CPU/GPU kernels run faster (SIMD width, tensor-core tiles). ``factors_provider(model,
-    iteration)`` returns K-FAC factors keyed by the CURRENT model's layer names.
+    iteration)`` returns K-FAC factors keyed by the CURRENT model's layer names. ``latency``, a
+    :class:`LatencyTable` of ``dense``, divides every score by the milliseconds the channel's removal
+    saves at the current widths before the global ranking: loss per millisecond on the machine the
+    table was measured on, for models that must get faster, not only smaller.
     """
 
     def __init__(
@@ -146,8 +150,13 @@ class StructuredPruner:
         round_to: int = 1,
         factors_provider: FactorsProvider | None = None,
         damping: float = 0.1,
+        latency: LatencyTable | None = None,
     ) -> None:
         self.importance = _criterion(importance, damping)
+        if latency is not None and getattr(self.importance, "per_flop", False):
+            raise NapkitError(f"channel importance {self.importance.name!r} already ranks per FLOP saved; "
+                              f"with a latency table use its plain form (e.g. 'nap', not 'nap_per_flop')")
+        self.latency = latency
         _check_options(step_fraction, allocation, min_channels, max_group_sparsity)
         if round_to < 1:
             raise NapkitError(f"round_to must be >= 1 (1: no rounding), got {round_to}")
@@ -222,6 +231,8 @@ class StructuredPruner:
         flops = count_flops(model, self.input_shape)
         factors = self.factors_provider(model, iteration) if self.importance.needs_curvature else None
         scores = self.importance(model, groups, ScoreInputs(factors, flops[1]))
+        if self.latency is not None:
+            scores = {g.id: scores[g.id] / self.latency.saved_ms(model, g) for g in groups if g.id in scores}
         group_of, channel = self._order(groups, scores)
         if group_of.numel() == 0:
             raise CannotPruneFurther(
