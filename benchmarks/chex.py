@@ -97,9 +97,12 @@ def measure(model: nn.Module, test, shape, dense_flops: int) -> dict[str, float]
 
 
 def run_case(name: str, target: float, splits, test, *, epochs: int, lr: float, width: float,
-             methods: list[str], batch: int) -> list[dict]:
+             methods: list[str], batch: int, seed: int = 0, floor: float = 0.0) -> list[dict]:
+    """Every method of ``methods`` at one (model, FLOPs target); ``seed`` drives initialisation, batch order
+    and exploration alike; ``floor`` > 0 keeps every layer of every CHEX variant at >= floor x the uniform
+    density (``chex.min_layer_density``)."""
     shape = input_shape(splits.in_channels, splits.input_size)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     base = build_model(name, splits, width=width)
     dense_flops = count_flops(base, shape)[0]
     sparsity = sparsity_for_flops(base, target, shape)
@@ -107,11 +110,11 @@ def run_case(name: str, target: float, splits, test, *, epochs: int, lr: float, 
     rows = []
 
     def fresh() -> nn.Module:
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         return build_model(name, splits, width=width)
 
     def record(method: str, model: nn.Module, t0: float) -> None:
-        row = {"model": name, "target": target, "method": method, **measure(model, test, shape, dense_flops),
+        row = {"model": name, "target": target, "method": method, "seed": seed, **measure(model, test, shape, dense_flops),
                "seconds": time.perf_counter() - t0}
         log(f"  {method}: {row}")
         rows.append(row)
@@ -123,14 +126,15 @@ def run_case(name: str, target: float, splits, test, *, epochs: int, lr: float, 
         t0 = time.perf_counter()
         if method in ablations:
             model = fresh()
-            cfg = chex_cfg(epochs, lr, sparsity, target_flops_reduction=target, **ablations[method])
+            floored = {"min_layer_density": round(floor * (1.0 - sparsity), 3)} if floor else {}
+            cfg = chex_cfg(epochs, lr, sparsity, target_flops_reduction=target, **{**floored, **ablations[method]})
             ex, _ = train_chex(model, splits.train, splits.val, cfg=cfg, batch_size=batch, eval_batch_size=1000,
-                               seed=0, device=DEVICE, input_shape=shape, progress=False)
+                               seed=seed, device=DEVICE, input_shape=shape, progress=False)
             record(method, compact(model.cpu(), ex.masks), t0)
         elif method == "uniform":
             model = apply(fresh(), uniform_plan(base, sparsity))
             fit(model, splits.train, splits.val, cfg=optim_cfg(lr, epochs), batch_size=batch, eval_batch_size=1000,
-                seed=0, device=DEVICE, checkpoint=scratch(), progress=False)
+                seed=seed, device=DEVICE, checkpoint=scratch(), progress=False)
             record(method, model, t0)
         elif method == "slimming":
             model = fresh()
@@ -140,19 +144,19 @@ def run_case(name: str, target: float, splits, test, *, epochs: int, lr: float, 
                 for l in chex_layers(model) if l.norm]
             sparse_epochs = max(1, round(0.75 * epochs))
             fit(model, splits.train, splits.val, cfg=optim_cfg(lr, sparse_epochs), batch_size=batch,
-                eval_batch_size=1000, seed=0, device=DEVICE, checkpoint=scratch(), progress=False)
+                eval_batch_size=1000, seed=seed, device=DEVICE, checkpoint=scratch(), progress=False)
             for h in hooks:
                 h.remove()
             model = apply(model, slimming_plan(model, target, shape))
             fit(model, splits.train, splits.val, cfg=optim_cfg(lr / 5, max(1, epochs - sparse_epochs)),
-                batch_size=batch, eval_batch_size=1000, seed=1, device=DEVICE,
+                batch_size=batch, eval_batch_size=1000, seed=seed + 1, device=DEVICE,
                 checkpoint=scratch(), progress=False)
             record(method, model, t0)
         elif method == "nap_structured":
             model = fresh()
             half = max(1, epochs // 2)
             fit(model, splits.train, splits.val, cfg=optim_cfg(lr, half), batch_size=batch, eval_batch_size=1000,
-                seed=0, device=DEVICE, checkpoint=scratch(), progress=False)
+                seed=seed, device=DEVICE, checkpoint=scratch(), progress=False)
 
             def factors(m: nn.Module, it: int):
                 loader = make_loader(splits.train_plain, batch_size=128, shuffle=True, seed=it)
@@ -166,7 +170,7 @@ def run_case(name: str, target: float, splits, test, *, epochs: int, lr: float, 
                 model = pruner(model, it)
                 recalibrate_bn(model, make_loader(splits.train, batch_size=128, shuffle=True, seed=it), 10)
             fit(model, splits.train, splits.val, cfg=optim_cfg(lr / 5, max(1, epochs - half)), batch_size=batch,
-                eval_batch_size=1000, seed=1, device=DEVICE, checkpoint=scratch(), progress=False)
+                eval_batch_size=1000, seed=seed + 1, device=DEVICE, checkpoint=scratch(), progress=False)
             record(method, model, t0)
         else:
             raise ValueError(f"unknown method {method!r}")
@@ -185,6 +189,9 @@ def main() -> None:
     ap.add_argument("--subset-test", type=int, default=None, help="seeded CIFAR-10 test subset (default: all)")
     ap.add_argument("--width", type=float, default=None, help="width multiplier of the small models (default 0.25)")
     ap.add_argument("--out", default=None, help="results name (default chex / chex-quick)")
+    ap.add_argument("--seed", type=int, default=0, help="initialisation / batch order / exploration seed")
+    ap.add_argument("--density-floor", type=float, default=0.0,
+                    help="every CHEX variant keeps each layer at >= this fraction of the uniform density")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on the shared 2 cores)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -202,14 +209,15 @@ def main() -> None:
     for name in models:
         for target in targets:
             rows += run_case(name, target, splits, test, epochs=epochs, lr=0.05, width=width, methods=args.methods,
-                             batch=128)
+                             batch=128, seed=args.seed, floor=args.density_floor)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{out}.json").write_text(json.dumps(rows, indent=1))
     print_table(["model", "target", "method", "top1", "params", "MFLOPs", "FLOPs red.", "s"],
                 [[r["model"], f"{r['target']:.0f}x", r["method"], f"{r['top1']:.2f}", r["params"],
                   f"{r['flops'] / 1e6:.2f}", f"{r['flops_reduction']:.2f}", f"{r['seconds']:.0f}"] for r in rows],
                 title=f"CHEX vs baselines, CIFAR-10 ({n_train or 'all'} train / {n_test or 'all'} test images), "
-                      f"width {width}, {epochs} epochs each")
+                      f"width {width}, {epochs} epochs each, seed {args.seed}"
+                      + (f", CHEX density floor {args.density_floor} x uniform" if args.density_floor else ""))
     plt = pyplot()
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, name in zip(axes[0], models):
