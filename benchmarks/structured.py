@@ -6,7 +6,11 @@ same fine-tune budget after each step and the same final fine-tune at each grid 
 learning rate. The tolerance rule is off (every method goes down the whole grid). Prints a table
 (test top-1 at each FLOPs reduction, and right after pruning before any fine-tune) and writes a plot.
 
-    python benchmarks/structured.py [--models vgg16_small resnet50_small] [--quick]
+``nap_per_ms`` ranks NAP per millisecond saved by a latency table of the dense model (``--latency-batch``,
+``--threads``, this CPU), the pipeline's ``prune.structured.latency_batch``; with it in ``--methods`` every
+row also gets the latency reduction the table predicts.
+
+    python benchmarks/structured.py [--models vgg16_small resnet50_small] [--methods ...] [--quick]
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from napkit.curvature import estimate_kfac
 from napkit.data import make_loader
 from napkit.pruning.loop import IterativePruner
 from napkit.structured import StructuredPruner, create_channel_importance
+from napkit.structured.latency import LatencyTable
 from napkit.structured.surgery import recalibrate_bn
 from napkit.training.engine import evaluate, train_one_epoch
 from napkit.training.trainer import fit
@@ -35,6 +40,7 @@ HIT = 0.02  # a FLOPs reduction within 2% of a grid point counts as that point (
 METHODS = {  # name: (channel importance, allocation)
     "nap": ("nap", "global"),
     "nap_per_flop": ("nap_per_flop", "global"),
+    "nap_per_ms": ("nap", "global"),  # divided by the latency table's saving (prune.structured.latency_batch)
     "l1_uniform": ("l1", "uniform"),
     "l1_global": ("l1", "global"),
     "slimming": ("bn_gamma", "global"),
@@ -42,8 +48,10 @@ METHODS = {  # name: (channel importance, allocation)
 }
 
 
-def run_method(method: str, dense: nn.Module, splits, test, grid: list[float], args) -> list[dict]:
-    """Prune a copy of ``dense`` down the FLOPs grid; one row per grid point."""
+def run_method(method: str, dense: nn.Module, splits, test, grid: list[float], args,
+               table: LatencyTable | None) -> list[dict]:
+    """Prune a copy of ``dense`` down the FLOPs grid; one row per grid point, with the latency
+    ``table`` predicts for the pruned model when there is one (``nap_per_ms`` ranks by it)."""
     importance, allocation = METHODS[method]
     model = copy.deepcopy(dense)
     shape = (1, splits.in_channels, splits.input_size, splits.input_size)
@@ -54,7 +62,8 @@ def run_method(method: str, dense: nn.Module, splits, test, grid: list[float], a
 
     criterion = create_channel_importance("random", seed=0) if importance == "random" else importance
     pruner = StructuredPruner(criterion, dense, input_shape=shape, step_fraction=args.step, allocation=allocation,
-                              target_flops_reduction=grid[-1], factors_provider=factors, damping=args.damping)
+                              target_flops_reduction=grid[-1], factors_provider=factors, damping=args.damping,
+                              latency=table if method == "nap_per_ms" else None)
     n_batches = max(1, round(args.ft_fraction * len(splits.train) / args.batch))
     rows, pre = [], {}
 
@@ -85,7 +94,7 @@ def run_method(method: str, dense: nn.Module, splits, test, grid: list[float], a
         top1 = evaluate(final, test, device=DEVICE, progress=False)["top1"]
         rows.append({"method": method, "target": hit, "flops_reduction": red,
                      "params_reduction": rec.measures["params_reduction"], "pre_ft_top1": pre[rec.iteration],
-                     "top1": top1})
+                     "top1": top1, **({"table_ms": table.model_ms(final)} if table is not None else {})})
         log(f"  {method}: {red:.2f}x FLOPs  pre-ft {pre[rec.iteration]:.2f}  final {top1:.2f}")
 
     current = {"model": model}
@@ -119,6 +128,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--damping", type=float, default=0.1)
     parser.add_argument("--kfac-samples", type=int, default=512)
+    parser.add_argument("--latency-batch", type=int, default=1,
+                        help="batch size of nap_per_ms's latency table (tiny CIFAR models are overhead-bound at 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on the shared 2 cores)")
     parser.add_argument("--quick", action="store_true", help="tiny budget smoke run")
     args = parser.parse_args()
@@ -134,16 +145,24 @@ def main() -> None:
                             model_kwargs={"width": widths.get(name, 0.25)})
         top1_dense = evaluate(dense, test, device=DEVICE, progress=False)["top1"]
         log(f"{name}: dense test top-1 {top1_dense:.2f}")
+        table = None
+        if "nap_per_ms" in args.methods:  # at --latency-batch and --threads, on this CPU
+            shape = (args.latency_batch, splits.in_channels, splits.input_size, splits.input_size)
+            table = LatencyTable(dense, shape, progress=False)
+            log(f"{name}: latency table, dense {table.model_ms(dense):.3f} ms at batch {args.latency_batch}")
         for method in args.methods:
             t0 = time.perf_counter()
-            for row in run_method(method, dense, splits, test, sorted(args.grid), args):
-                results.append({"model": name, "dense_top1": top1_dense, "seconds": time.perf_counter() - t0, **row})
+            for row in run_method(method, dense, splits, test, sorted(args.grid), args, table):
+                results.append({"model": name, "dense_top1": top1_dense, "seconds": time.perf_counter() - t0,
+                                **row, **({"dense_table_ms": table.model_ms(dense)} if table is not None else {})})
     RESULTS.mkdir(parents=True, exist_ok=True)
     tag = args.out or ("structured-quick" if args.quick else "structured")
     (RESULTS / f"{tag}.json").write_text(json.dumps(results, indent=2))
-    print_table(["model", "method", "FLOPs red.", "params red.", "top-1 pre-ft", "top-1", "dense top-1"],
+    print_table(["model", "method", "FLOPs red.", "params red.", "top-1 pre-ft", "top-1", "dense top-1",
+                 "table latency red."],
                 [[r["model"], r["method"], f"{r['flops_reduction']:.2f}x", f"{r['params_reduction']:.2f}x",
-                  f"{r['pre_ft_top1']:.2f}", f"{r['top1']:.2f}", f"{r['dense_top1']:.2f}"] for r in results],
+                  f"{r['pre_ft_top1']:.2f}", f"{r['top1']:.2f}", f"{r['dense_top1']:.2f}",
+                  f"{r['dense_table_ms'] / r['table_ms']:.2f}x" if "table_ms" in r else "-"] for r in results],
                 title=f"CIFAR-10 ({len(splits.train)} training / {len(splits.test)} test images), test top-1 after the "
                       f"final fine-tune")
     plt = pyplot()
