@@ -225,7 +225,7 @@ def main() -> None:
     for name in args.models:
         dense = create_model(name, num_classes=1000, in_channels=3, input_size=SHAPE[-1]).eval()
         torch.set_num_threads(max(args.threads))
-        table = LatencyTable(dense, SHAPE) if "latency" in args.allocations else None
+        table = LatencyTable.measure(dense, SHAPE) if "latency" in args.allocations else None
         pruned = [(a, t, *prune_to(dense, t, args.round_to, a, table)) for a in args.allocations for t in args.targets]
         if table is not None:
             print(f"{name:<9} latency table (layers alone, frozen, batch 1, {max(args.threads)} thread(s)): dense "

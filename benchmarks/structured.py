@@ -148,7 +148,7 @@ def main() -> None:
         table = None
         if "nap_per_ms" in args.methods:  # at --latency-batch and --threads, on this CPU
             shape = (args.latency_batch, splits.in_channels, splits.input_size, splits.input_size)
-            table = LatencyTable(dense, shape, progress=False)
+            table = LatencyTable.measure(dense, shape, progress=False)
             log(f"{name}: latency table, dense {table.model_ms(dense):.3f} ms at batch {args.latency_batch}")
         for method in args.methods:
             t0 = time.perf_counter()

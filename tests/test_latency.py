@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -45,7 +47,7 @@ def true_ms(model: nn.Module) -> float:
 @pytest.mark.parametrize("name", ["vgg16_small", "resnet50_small"])
 def test_table_reproduces_a_bilinear_timer_on_pruned_models(name: str) -> None:
     dense = small(name)
-    table = LatencyTable(dense, SHAPE, timer=bilinear_ms, progress=False)
+    table = LatencyTable.measure(dense, SHAPE, timer=bilinear_ms, progress=False)
     assert table.model_ms(dense) == pytest.approx(true_ms(dense), rel=1e-9)
     gen = torch.Generator().manual_seed(1)
     groups = channel_groups(dense)
@@ -67,7 +69,7 @@ def test_noisy_timings_never_make_a_removal_a_slow_down() -> None:
     def noisy(layer: nn.Module, x: Tensor) -> float:
         return bilinear_ms(layer, x) * float(0.2 + 1.6 * torch.rand(1, generator=gen))
 
-    table = LatencyTable(dense, SHAPE, timer=noisy, progress=False)
+    table = LatencyTable.measure(dense, SHAPE, timer=noisy, progress=False)
     for g in channel_groups(dense):
         assert table.saved_ms(dense, g) > 0
     for outs, ins, grid in table._grids.values():
@@ -84,7 +86,7 @@ def test_latency_ranking_removes_the_channels_that_cost_the_most_time() -> None:
         first = isinstance(layer, nn.Conv2d) and layer.in_channels <= 3
         return bilinear_ms(layer, x) * (100.0 if first else 1.0)
 
-    table = LatencyTable(dense, SHAPE, fractions=(1.0, 0.5), timer=skewed, progress=False)
+    table = LatencyTable.measure(dense, SHAPE, fractions=(1.0, 0.5), timer=skewed, progress=False)
     kwargs = {"input_shape": SHAPE, "step_fraction": 0.05, "allocation": "global"}
     with_table = channel_counts(StructuredPruner("random", dense, latency=table, **kwargs)(dense, 1))
     without = channel_counts(StructuredPruner("random", dense, **kwargs)(dense, 1))
@@ -95,7 +97,7 @@ def test_latency_ranking_removes_the_channels_that_cost_the_most_time() -> None:
 def test_real_timer_prices_a_small_model() -> None:
     """The default timer (TorchScript, frozen) runs and gives positive, size-ordered figures."""
     dense = small("alexnet_small")
-    table = LatencyTable(dense, SHAPE, fractions=(1.0, 0.25), progress=False)
+    table = LatencyTable.measure(dense, SHAPE, fractions=(1.0, 0.25), progress=False)
     groups = channel_groups(dense)
     quarter = apply(dense, {g.id: torch.arange(max(1, g.size // 4)) for g in groups}, groups=groups)
     assert 0 < table.model_ms(quarter) < table.model_ms(dense)
@@ -106,8 +108,8 @@ def test_real_timer_prices_a_small_model() -> None:
 def test_bad_latency_options_fail_clearly() -> None:
     dense = small("alexnet_small")
     with pytest.raises(NapkitError, match=r"fractions must lie in \(0, 1\]"):
-        LatencyTable(dense, SHAPE, fractions=(1.0, 0.0), timer=bilinear_ms, progress=False)
-    table = LatencyTable(dense, SHAPE, fractions=(1.0, 0.5), timer=bilinear_ms, progress=False)
+        LatencyTable.measure(dense, SHAPE, fractions=(1.0, 0.0), timer=bilinear_ms, progress=False)
+    table = LatencyTable.measure(dense, SHAPE, fractions=(1.0, 0.5), timer=bilinear_ms, progress=False)
     with pytest.raises(NapkitError, match="already ranks per FLOP"):
         StructuredPruner("nap_per_flop", dense, input_shape=SHAPE, step_fraction=0.5, latency=table,
                          factors_provider=lambda m, i: {})
@@ -117,8 +119,26 @@ def test_bad_latency_options_fail_clearly() -> None:
 
 def test_floor_is_the_model_at_the_smallest_grid_widths() -> None:
     dense = small("alexnet_small")
-    table = LatencyTable(dense, SHAPE, fractions=(1.0, 0.5), timer=bilinear_ms, progress=False)
+    table = LatencyTable.measure(dense, SHAPE, fractions=(1.0, 0.5), timer=bilinear_ms, progress=False)
     groups = channel_groups(dense)
     half = apply(dense, {g.id: torch.arange(max(1, round(g.size / 2))) for g in groups}, groups=groups)
     # the floor also halves the input and the logits, which no channel group can shrink
     assert table.floor_ms() < table.model_ms(half) < table.model_ms(dense)
+
+
+def test_table_survives_json_exactly() -> None:
+    """What a resumed prune stage reads back prices every model and every removal as the original did."""
+    dense = small("resnet50_small")
+    gen = torch.Generator().manual_seed(0)
+
+    def noisy(layer: nn.Module, x: Tensor) -> float:
+        return bilinear_ms(layer, x) * float(0.5 + torch.rand(1, generator=gen))
+
+    table = LatencyTable.measure(dense, SHAPE, fractions=(1.0, 0.5, 0.25), timer=noisy, progress=False)
+    back = LatencyTable.from_json(json.loads(json.dumps(table.to_json())))
+    groups = channel_groups(dense)
+    pruned = apply(dense, {g.id: torch.arange(max(1, g.size // 3)) for g in groups}, groups=groups)
+    assert back.model_ms(pruned) == table.model_ms(pruned)
+    assert back.floor_ms() == table.floor_ms()
+    for g in channel_groups(pruned):
+        assert back.saved_ms(pruned, g) == table.saved_ms(pruned, g)

@@ -154,18 +154,24 @@ def test_structured_surgery_recalibrates_batchnorm_on_the_augmented_training_spl
     assert not torch.allclose(got, recalibrated(splits.train_plain), atol=1e-2)
 
 
-def test_structured_stage_ranks_per_millisecond_with_a_latency_batch(compose_cfg) -> None:
-    """``prune.structured.latency_batch`` times the dense model's layers here and ranks NAP per millisecond
-    (plain NAP scores, not per FLOP); every measurement carries the table's latency of the model."""
+def test_structured_stage_ranks_per_millisecond_with_a_latency_batch(compose_cfg, tmp_path) -> None:
+    """``prune.structured.latency_batch`` times the dense model's layers here once per run fingerprint (a
+    resumed run reads the same timings back) and ranks NAP per millisecond (plain NAP scores, not per
+    FLOP); every measurement carries the table's latency of the model."""
     cfg = compose_cfg("model=vgg16_small", "prune=nap_structured", "data.subset_train=128", "model.width=0.125",
                       "prune.structured.latency_batch=1")
     assert prune._channel_criterion(cfg).name == "nap"
     cfg = compose_cfg("model=vgg16_small", "prune=l1", "data.subset_train=128", "model.width=0.125",
-                      "prune.structured.latency_batch=1")
+                      "prune.structured.latency_batch=1", f"paths.artifacts={tmp_path}")
     splits = load_splits(cfg)
     spec = model_spec(cfg, splits)
     dense = spec.build().eval()
-    parts = prune._structured(cfg, dense, spec, splits, provider=None, device=torch.device("cpu"))
+    table = prune.latency_table(cfg, dense, spec, "run-a")
+    again = prune.latency_table(cfg, dense, spec, "run-a")  # read back, not re-timed: identical to the last bit
+    assert again.model_ms(dense) == table.model_ms(dense)
+    other = prune.latency_table(cfg, dense, spec, "run-b")  # another run (new inputs): timed afresh
+    assert other.model_ms(dense) != table.model_ms(dense)
+    parts = prune._structured(cfg, dense, spec, splits, provider=None, device=torch.device("cpu"), latency=table)
     smaller, _ = parts["step"](dense, None, 1)
     before, after = parts["measure"](dense, None), parts["measure"](smaller, None)
     assert 0 < after["latency_table_ms"] < before["latency_table_ms"]

@@ -24,6 +24,7 @@ from napkit.errors import unknown_choice
 from napkit.evaluation.cost import input_shape
 from napkit.evaluation.plots import plot_layer_ratios, plot_prune_path
 from napkit.hashing import file_digest
+from napkit.io import read_json, write_json
 from napkit.pruning.fine_grained import FineGrainedPruner, target_sparsity
 from napkit.pruning.importance import Importance, create_importance
 from napkit.pruning.loop import IterationRecord, IterativePruner, LoopResult
@@ -98,13 +99,26 @@ def _fine_grained(cfg: DictConfig, provider: FactorsProvider) -> dict:
     return {"step": pruner, "measure": pruner.measure, "reached": pruner.reached}
 
 
+def latency_table(cfg: DictConfig, dense: nn.Module, spec: ModelSpec, fingerprint: str) -> LatencyTable:
+    """The dense model's layer latency table at ``prune.structured.latency_batch``, timed here (on this
+    machine's CPU: run the stage where you deploy) once per ``fingerprint``: a resumed run ranks by the
+    same timings as the run it continues. Kept beside the checkpoints and copied into the stage output."""
+    path = checkpoint_path(cfg, "prune_latency").with_suffix(".json")
+    if path.exists():
+        saved = read_json(path)
+        if saved.get("fingerprint") == fingerprint:
+            return LatencyTable.from_json(saved["table"])
+    shape = input_shape(spec.in_channels, spec.input_size, batch=int(cfg.prune.structured.latency_batch))
+    table = LatencyTable.measure(dense, shape)
+    write_json(path, {"fingerprint": fingerprint, "table": table.to_json()})
+    return table
+
+
 def _structured(cfg: DictConfig, dense: nn.Module, spec: ModelSpec, splits: DataSplits,
-                provider: FactorsProvider, device: torch.device) -> dict:
-    """Loop parts for channel pruning: physical removal, then BatchNorm recalibration."""
+                provider: FactorsProvider, device: torch.device, latency: LatencyTable | None = None) -> dict:
+    """Loop parts for channel pruning: physical removal, then BatchNorm recalibration; ranked per
+    millisecond by ``latency`` when given."""
     p, s = cfg.prune, cfg.prune.structured
-    latency = None
-    if s.get("latency_batch") is not None:  # timed here, on this machine's CPU: run the stage where you deploy
-        latency = LatencyTable(dense, input_shape(spec.in_channels, spec.input_size, batch=int(s.latency_batch)))
     pruner = StructuredPruner(_channel_criterion(cfg), dense, input_shape=input_shape(spec.in_channels, spec.input_size),
                               step_fraction=float(s.step_fraction),
                               target_flops_reduction=s.get("target_flops_reduction"),
@@ -176,8 +190,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     splits = load_splits(cfg)
     device = resolve_device(cfg.device)
     provider = _factors_provider(cfg, splits, device)
+    # resume only from checkpoints of this config AND these input files (a rerun upstream stage invalidates them)
+    dense, factors = stage_dir(cfg, "pretrain"), stage_dir(cfg, "curvature") / FACTORS
+    key = f"{pipeline_id(cfg)}-{file_digest(dense / MODEL_WEIGHTS, dense / MASKS, factors)}"
+    table = None
     if mode == "structured":
-        parts, masks = _structured(cfg, model, spec, splits, provider, device), None
+        if p.structured.get("latency_batch") is not None:
+            table = latency_table(cfg, model, spec, key)
+        parts, masks = _structured(cfg, model, spec, splits, provider, device, latency=table), None
         tolerance = float(p.structured.tolerance)
     else:
         parts, masks = _fine_grained(cfg, provider), masks or MaskSet.dense(model)
@@ -185,9 +205,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
         tolerance = float(p.tolerance)
     val_loader = make_loader(splits.val, batch_size=int(cfg.data.eval_batch_size), shuffle=False, seed=0)
     batch = int(cfg.data.batch_size)
-    # resume only from checkpoints of this config AND these input files (a rerun upstream stage invalidates them)
-    dense, factors = stage_dir(cfg, "pretrain"), stage_dir(cfg, "curvature") / FACTORS
-    key = f"{pipeline_id(cfg)}-{file_digest(dense / MODEL_WEIGHTS, dense / MASKS, factors)}"
 
     def finetune(m: nn.Module, mk: MaskSet | None, it: int) -> None:
         seed_everything(int(cfg.seed) + it)
@@ -208,6 +225,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             return {}
         save_model(out, model, spec.with_channels_of(model) if mode == "structured" else spec, masks)
         metrics = write_outputs(out, result, result.best.layer_density, tolerance)
+        if table is not None:
+            write_json(out / "latency_table.json", table.to_json())
         write_metrics(out, metrics)
         tracker.log_metrics(metrics)
         tracker.set_tags({"napkit.prune.stop_reason": result.stop_reason, "napkit.prune.mode": mode})

@@ -11,11 +11,13 @@ current widths: what :class:`~napkit.structured.pruner.StructuredPruner` divides
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -94,41 +96,63 @@ def default_timer(layer: nn.Module, x: Tensor) -> float:
 
 
 class LatencyTable:
-    """Per-layer latency of ``dense`` as a function of each layer's (output, input) channel counts.
+    """Per-layer latency of a dense model as a function of each layer's (output, input) channel counts.
 
-    ``input_shape`` includes the batch size the latency is wanted at. Every distinct layer
-    configuration is timed once per grid point (``fractions`` of its dense output x input counts,
-    by ``timer(layer, x)`` in ms), made non-decreasing in both counts (timing noise must not make a
-    removal look like a slow-down) and interpolated bilinearly. Layers are looked up by name, so a
+    Made by :meth:`measure` (``input_shape`` includes the batch size the latency is wanted at) or
+    read back by :meth:`from_json`. Every distinct layer configuration is timed once per grid point
+    (``fractions`` of its dense output x input counts, by ``timer(layer, x)`` in ms), made
+    non-decreasing in both counts (timing noise must not make a removal look like a slow-down) and
+    interpolated bilinearly. Layers are looked up by name, so a
     pruned model made from ``dense`` by channel removal is priced by the same table.
     """
 
-    def __init__(
-        self,
+    def __init__(self, specs: dict[str, _Spec], grids: dict[_Spec, tuple[Tensor, Tensor, Tensor]]) -> None:
+        self.specs, self._grids = specs, grids
+
+    @classmethod
+    def measure(
+        cls,
         dense: nn.Module,
         input_shape: tuple[int, ...],
         *,
         fractions: tuple[float, ...] = FRACTIONS,
         timer: Callable[[nn.Module, Tensor], float] = default_timer,
         progress: bool = True,
-    ) -> None:
+    ) -> LatencyTable:
+        """Time every distinct layer configuration of ``dense`` at ``input_shape`` on the grid."""
         if not fractions or any(not 0.0 < f <= 1.0 for f in fractions):
             raise NapkitError(f"latency grid fractions must lie in (0, 1], got {fractions}")
         shapes = _input_shapes(dense, input_shape)
-        self.specs = {name: _spec(layer, shapes[name]) for name, layer in prunable_layers(dense).items()
-                      if name in shapes}
-        self._grids: dict[_Spec, tuple[Tensor, Tensor, Tensor]] = {}
-        unique = list(dict.fromkeys(self.specs.values()))
+        specs = {name: _spec(layer, shapes[name]) for name, layer in prunable_layers(dense).items() if name in shapes}
+        unique = list(dict.fromkeys(specs.values()))
         points = [(s, o, i) for s in unique for o in _counts(s.out_dense, fractions)
                   for i in _counts(s.in_dense, fractions)]
         ms: dict[tuple[_Spec, int, int], float] = {}
         for spec, out, inp in tqdm(points, desc="latency table", disable=None if progress else True, leave=False):
             ms[(spec, out, inp)] = timer(*spec.build(out, inp))
+        grids = {}
         for spec in unique:
             outs, ins = _counts(spec.out_dense, fractions), _counts(spec.in_dense, fractions)
             grid = torch.tensor([[ms[(spec, o, i)] for i in ins] for o in outs], dtype=torch.float64)
             grid = torch.cummax(torch.cummax(grid, 0).values, 1).values
-            self._grids[spec] = (torch.tensor(outs, dtype=torch.float64), torch.tensor(ins, dtype=torch.float64), grid)
+            grids[spec] = (torch.tensor(outs, dtype=torch.float64), torch.tensor(ins, dtype=torch.float64), grid)
+        return cls(specs, grids)
+
+    def to_json(self) -> dict[str, Any]:
+        """The timed grids and which layer uses which: the table again without re-timing (resume, MLflow)."""
+        unique = list(dict.fromkeys(self.specs.values()))
+        return {"specs": [dataclasses.asdict(s) for s in unique],
+                "layers": {name: unique.index(s) for name, s in self.specs.items()},
+                "grids": [{"outs": o.tolist(), "ins": i.tolist(), "ms": g.tolist()}
+                          for o, i, g in (self._grids[s] for s in unique)]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LatencyTable:
+        """The table :meth:`to_json` wrote."""
+        unique = [_Spec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}) for d in data["specs"]]
+        grids = {s: (torch.tensor(g["outs"], dtype=torch.float64), torch.tensor(g["ins"], dtype=torch.float64),
+                     torch.tensor(g["ms"], dtype=torch.float64)) for s, g in zip(unique, data["grids"])}
+        return cls({name: unique[i] for name, i in data["layers"].items()}, grids)
 
     def layer_ms(self, name: str, out: float, inp: float) -> float:
         """Interpolated milliseconds of layer ``name`` at ``out`` output and ``inp`` input channels/features."""
