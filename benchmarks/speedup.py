@@ -53,7 +53,7 @@ from napkit.evaluation.cost import layer_flops
 from napkit.models import create_model
 from napkit.structured import ChannelGroup, ScoreInputs, StructuredPruner, saved_flops
 from napkit.structured.importance import ChannelImportance
-from napkit.structured.latency import LatencyTable, deployment_form
+from napkit.structured.latency import LatencyTable, deployment_form, layer_input_shapes
 
 SHAPE = (1, 3, 224, 224)
 BATCHES = (1, 64)
@@ -148,38 +148,20 @@ def layer_kind(layer: nn.Module) -> str:
     return f"conv{k[0]}x{k[1]}" if k in ((1, 1), (3, 3)) else "conv other"
 
 
-def layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[nn.Module, torch.Size]]:
-    """Every Conv2d/Linear of ``model`` with the input shape it sees on ``x``."""
-    seen: dict[str, tuple[nn.Module, torch.Size]] = {}
-
-    def record(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
-            seen[name] = (module, inputs[0].shape)
-        return hook
-
-    hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.inference_mode():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return seen
-
-
 def per_layer_report(name: str, dense: nn.Module, pruned: list[tuple[nn.Module, float]], labels: list[str],
                      repeats: int) -> None:
     """Batch-1 time of every Conv2d/Linear alone (frozen), dense vs pruned, summed per kind, and the whole
     model's (frozen): which kinds of layer lose efficiency (GFLOP/s) when they get narrower."""
     x = torch.randn(SHAPE)
     models = [dense] + [m for m, _ in pruned]
-    shapes = [layer_inputs(m, x) for m in models]
+    shapes = [layer_input_shapes(m, SHAPE) for m in models]
     flops = [layer_flops(m, SHAPE)[1] for m in models]
     kinds: dict[str, list[list[float]]] = {}  # kind: per model [flops, ms]
-    for layer_name, (layer, _) in shapes[0].items():
-        inputs = [torch.randn(s[layer_name][1]) for s in shapes]
-        timed = [deployment_form(nn.Sequential(s[layer_name][0]), inp) for s, inp in zip(shapes, inputs)]
+    for layer_name in shapes[0]:
+        inputs = [torch.randn(s[layer_name]) for s in shapes]
+        timed = [deployment_form(nn.Sequential(m.get_submodule(layer_name)), inp) for m, inp in zip(models, inputs)]
         ms = latencies([lambda _x, f=f, inp=inp: f(inp) for f, inp in zip(timed, inputs)], x, repeats)
-        acc = kinds.setdefault(layer_kind(layer), [[0.0, 0.0] for _ in models])
+        acc = kinds.setdefault(layer_kind(dense.get_submodule(layer_name)), [[0.0, 0.0] for _ in models])
         for i, t in enumerate(ms):
             acc[i][0] += flops[i].get(layer_name, 0)
             acc[i][1] += t

@@ -9,10 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from napkit.errors import NapkitError
+from napkit.evaluation.cost import time_ms
 from napkit.layers import prunable_layers
 from napkit.models import create_model
 from napkit.structured import StructuredPruner, apply, channel_counts, channel_groups
-from napkit.structured.latency import LatencyTable, deployment_form, time_ms
+from napkit.structured.latency import LatencyTable, deployment_form
 
 SIZE = 32
 SHAPE = (1, 3, SIZE, SIZE)

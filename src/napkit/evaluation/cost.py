@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -66,19 +67,30 @@ def compare_to_dense(model: nn.Module, dense: nn.Module, shape: tuple[int, ...],
 
 
 @torch.inference_mode()
+def time_ms(fn: Callable[[torch.Tensor], object], x: torch.Tensor, *, warmup: int = 2, repeats: int = 10) -> float:
+    """Median wall-clock milliseconds of ``fn(x)`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(1000.0 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+@torch.inference_mode()
 def latency_ms(model: nn.Module, shape: tuple[int, ...], *, warmup: int = 3, repeats: int = 10) -> float:
-    """Median wall-clock milliseconds of one forward pass on the model's device."""
+    """Median wall-clock milliseconds of one forward pass on the model's device (CUDA synchronised after
+    every call, so each timing ends when the GPU is done)."""
     model.eval()
     device = next(model.parameters()).device
-    x = torch.randn(shape, device=device)
-    times = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    if device.type != "cuda":
+        return time_ms(model, torch.randn(shape, device=device), warmup=warmup, repeats=repeats)
+
+    def synced(x: torch.Tensor) -> None:
         model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(1000.0 * (time.perf_counter() - t0))
-    return statistics.median(times)
+        torch.cuda.synchronize()
+
+    torch.cuda.synchronize()
+    return time_ms(synced, torch.randn(shape, device=device), warmup=warmup, repeats=repeats)

@@ -12,10 +12,8 @@ current widths: what :class:`~napkit.structured.pruner.StructuredPruner` divides
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from napkit.errors import NapkitError
+from napkit.evaluation.cost import time_ms
 from napkit.layers import PrunableLayer, prunable_layers
 from napkit.structured.groups import ChannelGroup, in_channels, rows
 
@@ -68,19 +67,6 @@ def _counts(dense: int, fractions: tuple[float, ...]) -> list[int]:
 
 
 @torch.inference_mode()
-def time_ms(fn: Callable[[Tensor], object], x: Tensor, *, warmup: int = 2, repeats: int = 10) -> float:
-    """Median wall-clock milliseconds of ``fn(x)`` over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(1000.0 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
-@torch.inference_mode()
 def deployment_form(model: nn.Module, x: Tensor) -> Callable[[Tensor], Tensor]:
     """TorchScript trace, frozen (BatchNorm folded) and optimized for CPU inference (weights prepacked).
     TorchScript is deprecated in favour of torch.compile, whose per-model compile is too slow to time
@@ -122,7 +108,7 @@ class LatencyTable:
         """Time every distinct layer configuration of ``dense`` at ``input_shape`` on the grid."""
         if not fractions or any(not 0.0 < f <= 1.0 for f in fractions):
             raise NapkitError(f"latency grid fractions must lie in (0, 1], got {fractions}")
-        shapes = _input_shapes(dense, input_shape)
+        shapes = layer_input_shapes(dense, input_shape)
         specs = {name: _spec(layer, shapes[name]) for name, layer in prunable_layers(dense).items() if name in shapes}
         unique = list(dict.fromkeys(specs.values()))
         points = [(s, o, i) for s in unique for o in _counts(s.out_dense, fractions)
@@ -166,7 +152,7 @@ class LatencyTable:
 
     def model_ms(self, model: nn.Module) -> float:
         """Sum of the table's latencies of ``model``'s layers at their current channel counts."""
-        return sum(self.layer_ms(n, *_units(layer)) for n, layer in _tabled(self, model))
+        return sum(self.layer_ms(n, *_units(layer)) for n, layer in prunable_layers(model).items() if n in self.specs)
 
     def floor_ms(self) -> float:
         """The table's time of the dense model with every layer at its smallest grid counts: the part of
@@ -192,10 +178,6 @@ def _units(layer: nn.Module) -> tuple[int, int]:
     return rows(layer), layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels  # type: ignore[union-attr,return-value]
 
 
-def _tabled(table: LatencyTable, model: nn.Module) -> Iterator[tuple[str, PrunableLayer]]:
-    return ((n, layer) for n, layer in prunable_layers(model).items() if n in table.specs)
-
-
 def _bracket(points: Tensor, x: float) -> tuple[int, int, float]:
     """Indices of the grid points around ``x`` and the weight of the upper one (linear beyond the ends)."""
     if len(points) == 1:
@@ -205,8 +187,8 @@ def _bracket(points: Tensor, x: float) -> tuple[int, int, float]:
     return j - 1, j, float((x - lo) / (hi - lo))
 
 
-def _input_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, torch.Size]:
-    """Input shape every prunable layer sees on an ``input_shape`` forward pass."""
+def layer_input_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, torch.Size]:
+    """Input shape every prunable layer sees on an ``input_shape`` forward pass (train/eval modes kept)."""
     seen: dict[str, torch.Size] = {}
     hooks = [m.register_forward_hook(lambda _m, args, _out, n=n: seen.__setitem__(n, args[0].shape))
              for n, m in prunable_layers(model).items()]
