@@ -38,7 +38,7 @@ from napkit.stages.common import (
     write_metrics,
 )
 from napkit.stages.curvature import estimate
-from napkit.structured import ChannelImportance, channel_groups, channel_importance_class
+from napkit.structured import ChannelImportance, channel_importance_class
 from napkit.structured.latency import LatencyTable
 from napkit.structured.pruner import StructuredPruner
 from napkit.structured.surgery import channel_counts, recalibrate_bn, slim_to
@@ -124,8 +124,8 @@ def _structured(cfg: DictConfig, dense: nn.Module, spec: ModelSpec, splits: Data
                               target_flops_reduction=s.get("target_flops_reduction"),
                               target_params_reduction=s.get("target_params_reduction"),
                               allocation=str(p.allocation), max_group_sparsity=float(s.max_group_sparsity),
-                              round_to=int(s.get("round_to", 1)), factors_provider=provider, latency=latency)
-    dense_sizes = {g.id: g.size for g in channel_groups(dense)}
+                              round_to=int(s.get("round_to", 1)), factors_provider=provider, latency=latency,
+                              remove_blocks=bool(s.get("remove_blocks", False)))
 
     def step(model: nn.Module, masks: MaskSet | None, it: int) -> tuple[nn.Module, None]:
         smaller = pruner(model.cpu(), it).to(device)
@@ -137,7 +137,7 @@ def _structured(cfg: DictConfig, dense: nn.Module, spec: ModelSpec, splits: Data
         return smaller, None
 
     def density(model: nn.Module, masks: MaskSet | None) -> dict[str, float]:
-        return {g.id: g.size / dense_sizes[g.id] for g in channel_groups(model.cpu())}
+        return pruner.density(model.cpu())
 
     def measure(model: nn.Module, masks: MaskSet | None) -> dict[str, float]:
         cpu = model.cpu()

@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from napkit.errors import NapkitError
 from napkit.layers import PrunableLayer, is_prunable
+from napkit.structured.blocks import ResidualBias
 
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
                 nn.Dropout, nn.Dropout2d, nn.Identity)
@@ -172,7 +173,7 @@ class _Tracer:
 
     def _once(self, name: str, module: nn.Module) -> bool:
         """True for a layer with weights seen for the first time; a second call would be a shared layer."""
-        if not isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)):
+        if not isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, ResidualBias)):
             return False
         if name in self.seen:
             raise NapkitError(f"layer {name!r} runs twice in one forward pass; cannot prune shared layers")
@@ -211,6 +212,13 @@ class _Tracer:
                 yield space
 
 
+class _LeafTracer(fx.Tracer):
+    """fx's tracer, keeping a removed block's per-channel shift as one call (like a BatchNorm)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, ResidualBias) or super().is_leaf_module(m, module_qualified_name)
+
+
 def _flattened(value: _Value) -> _Value:
     return _Value(value.space, FLAT if value.layout == SPATIAL else value.layout)
 
@@ -223,7 +231,8 @@ def _flattens_channels(node: fx.Node) -> bool:
 
 
 def _norm_fits(module: nn.Module, layout: str) -> bool:
-    return (isinstance(module, nn.BatchNorm2d) and layout == SPATIAL) or (
+    """A per-channel module (BatchNorm, a removed block's shift) on a layout it indexes by channel."""
+    return (isinstance(module, (nn.BatchNorm2d, ResidualBias)) and layout == SPATIAL) or (
         isinstance(module, nn.BatchNorm1d) and layout == VECTOR
     )
 
@@ -245,7 +254,7 @@ def channel_groups(model: nn.Module) -> list[ChannelGroup]:
     group. Raises NapkitError when the model cannot be traced or its shapes disagree.
     """
     try:
-        graph = fx.symbolic_trace(model).graph
+        graph = _LeafTracer().trace(model)
     except Exception as exc:  # fx raises many types for untraceable control flow
         raise NapkitError(f"cannot trace {type(model).__name__} with torch.fx: {exc}") from exc
     tracer = _Tracer(model)

@@ -154,6 +154,10 @@ class LatencyTable:
         """Sum of the table's latencies of ``model``'s layers at their current channel counts."""
         return sum(self.layer_ms(n, *_units(layer)) for n, layer in prunable_layers(model).items() if n in self.specs)
 
+    def modules_ms(self, model: nn.Module, names: list[str]) -> float:
+        """Sum of the table's latencies of layers ``names`` of ``model`` at their current channel counts."""
+        return sum(self.layer_ms(n, *_units(model.get_submodule(n))) for n in names)
+
     def floor_ms(self) -> float:
         """The table's time of the dense model with every layer at its smallest grid counts: the part of
         its latency (per-call overhead, memory traffic) that removing channels cannot take away."""

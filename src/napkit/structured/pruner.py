@@ -19,6 +19,7 @@ from napkit.curvature import KFACFactors
 from napkit.errors import NapkitError, unknown_choice
 from napkit.evaluation.cost import layer_flops
 from napkit.pruning.allocation import CannotPruneFurther
+from napkit.structured.blocks import BRANCH, INNER, block_of, bottlenecks
 from napkit.structured.groups import ChannelGroup, channel_groups, in_channels, rows
 from napkit.structured.importance import ChannelImportance, ScoreInputs, channel_importance_class
 from napkit.structured.latency import LatencyTable
@@ -56,7 +57,11 @@ class _Layers:
 
 
 class CostModel:
-    """Exact params and FLOPs of ``model`` after removing ``removed[g]`` channels from each group."""
+    """Exact params and FLOPs of ``model`` after removing ``removed[g]`` channels from each group.
+
+    Emptying a bottleneck's conv1 or conv2 group removes the block's branch (conv1-3, bn1-3) and adds
+    its per-channel shift, as :func:`~napkit.structured.surgery.apply` does.
+    """
 
     def __init__(
         self, model: nn.Module, groups: list[ChannelGroup], flops: tuple[int, dict[str, int]]
@@ -71,14 +76,29 @@ class CostModel:
                 members.setdefault(c.name, [len(groups), len(groups)])[1] = i
                 block[c.name] = c.block
         self.layers = self._layers(model, members, block, flops[1])
-        norms = [(i, model.get_submodule(n)) for i, g in enumerate(groups) for n in g.norms]
-        self.norm_group = torch.tensor([i for i, _ in norms], dtype=torch.long)
-        self.norm_features = torch.tensor([m.num_features for _, m in norms], dtype=torch.long)
-        self.norm_params = torch.tensor([2 * int(m.affine) for _, m in norms], dtype=torch.long)
+        norms = [(i, n, model.get_submodule(n)) for i, g in enumerate(groups) for n in g.norms]
+        self.norm_group = torch.tensor([i for i, _, _ in norms], dtype=torch.long)
+        self.norm_features = torch.tensor([m.num_features for _, _, m in norms], dtype=torch.long)
+        self.norm_params = torch.tensor([sum(p.numel() for p in m.parameters(recurse=False)) // m.num_features
+                                         for _, _, m in norms], dtype=torch.long)
+        self._blocks(model, groups, list(members), [n for _, n, _ in norms])
         zero = torch.zeros(self.num_groups + 1, dtype=torch.long)
         params0, flops0 = self._variable(zero)
         self.base_params = count_params(model) - params0
         self.base_flops = flops[0] - flops0
+
+    def _blocks(self, model: nn.Module, groups: list[ChannelGroup], layers: list[str], norms: list[str]) -> None:
+        """Which layers and norms die with which bottleneck, and the groups whose emptying kills it."""
+        index = {p: i for i, g in enumerate(groups) for p in g.producers}
+        names = [b for b in bottlenecks(model) if all(f"{b}.{n}" in index for n in INNER)]
+        branch = {f"{b}.{m}": j for j, b in enumerate(names) for m in BRANCH}
+        self.sizes = torch.tensor([g.size for g in groups] + [0], dtype=torch.long)
+        self.block_inner = torch.tensor([[index[f"{b}.{n}"] for n in INNER] for b in names],
+                                        dtype=torch.long).reshape(-1, len(INNER))
+        self.block_residual = torch.tensor([index.get(f"{b}.conv3", len(groups)) for b in names], dtype=torch.long)
+        self.block_width = torch.tensor([rows(model.get_submodule(f"{b}.conv3")) for b in names], dtype=torch.long)
+        self.layer_block = torch.tensor([branch.get(n, len(names)) for n in layers], dtype=torch.long)
+        self.norm_block = torch.tensor([branch.get(n, len(names)) for n in norms], dtype=torch.long)
 
     @staticmethod
     def _layers(
@@ -105,11 +125,14 @@ class CostModel:
     def _variable(self, removed: Tensor) -> tuple[int, int]:
         """Params and FLOPs of the group members, ``removed`` padded with a trailing 0 ("no group")."""
         lay = self.layers
+        dead = (removed[self.block_inner] >= self.sizes[self.block_inner]).any(1)
+        alive = ~torch.cat([dead, torch.zeros(1, dtype=torch.bool)])
         r = lay.rows - removed[lay.producer]
         c = lay.channels - removed[lay.consumer]
-        params = (r * (c * lay.block + lay.bias)).sum() + (self.norm_params * (
-            self.norm_features - removed[self.norm_group])).sum()
-        return int(params), int((lay.flops_unit * r * c).sum())
+        shifts = (dead * (self.block_width - removed[self.block_residual])).sum()
+        params = (alive[self.layer_block] * r * (c * lay.block + lay.bias)).sum() + (
+            alive[self.norm_block] * self.norm_params * (self.norm_features - removed[self.norm_group])).sum() + shifts
+        return int(params), int((alive[self.layer_block] * lay.flops_unit * r * c).sum())
 
     def cost(self, removed: Tensor) -> tuple[int, int]:
         """(params, FLOPs) after removing ``removed[g]`` channels of group g."""
@@ -132,7 +155,10 @@ class StructuredPruner:
     iteration)`` returns K-FAC factors keyed by the CURRENT model's layer names. ``latency``, a
     :class:`LatencyTable` of ``dense``, divides every score by the milliseconds the channel's removal
     saves at the current widths before the global ranking: loss per millisecond on the machine the
-    table was measured on, for models that must get faster, not only smaller.
+    table was measured on, for models that must get faster, not only smaller. ``remove_blocks=True``
+    lets a torchvision bottleneck's conv1 or conv2 group lose every channel, which removes the block
+    (:mod:`~napkit.structured.blocks`); with a latency table, such a channel is priced at the larger of
+    its own saving and its share of the whole block's time, the per-layer cost only depth removal frees.
     """
 
     def __init__(
@@ -151,6 +177,7 @@ class StructuredPruner:
         factors_provider: FactorsProvider | None = None,
         damping: float = 0.1,
         latency: LatencyTable | None = None,
+        remove_blocks: bool = False,
     ) -> None:
         self.importance = _criterion(importance, damping)
         if latency is not None and getattr(self.importance, "per_flop", False):
@@ -171,16 +198,30 @@ class StructuredPruner:
         groups = channel_groups(dense)
         if not groups:
             raise NapkitError(f"{type(dense).__name__} has no prunable channel groups")
-        self.dense_sizes = {g.id: g.size for g in groups}
+        self.dense_groups = groups
+        self._dense_group = {p: g for g in groups for p in g.producers}
+        self.blocks = bottlenecks(dense) if remove_blocks else []
         flops = count_flops(dense, input_shape)
         self.dense = {"params": count_params(dense), "flops": flops[0]}
         self._check_reachable(dense, groups, flops)
 
+    def dense_group(self, group: ChannelGroup) -> ChannelGroup:
+        """The dense model's group ``group`` was pruned from (ids change when a block's conv3 goes)."""
+        for p in group.producers:
+            if p in self._dense_group:
+                return self._dense_group[p]
+        raise NapkitError(f"channel group {group.id!r} is not in the dense model of this pruner")
+
+    def density(self, model: nn.Module) -> dict[str, float]:
+        """Kept share of every dense group's channels in ``model`` (0 for a removed block's groups)."""
+        kept = {self.dense_group(g).id: g.size for g in channel_groups(model)}
+        return {g.id: kept.get(g.id, 0) / g.size for g in self.dense_groups}
+
     def _floor(self, group: ChannelGroup) -> int:
         """Fewest channels the group may keep."""
-        dense = self.dense_sizes.get(group.id)
-        if dense is None:
-            raise NapkitError(f"channel group {group.id!r} is not in the dense model of this pruner")
+        dense = self.dense_group(group).size
+        if block_of(group.id, self.blocks) is not None:
+            return 0
         return max(self.min_channels, math.ceil(round((1.0 - self.max_group_sparsity) * dense, 9)))
 
     def _check_reachable(
@@ -232,7 +273,7 @@ class StructuredPruner:
         factors = self.factors_provider(model, iteration) if self.importance.needs_curvature else None
         scores = self.importance(model, groups, ScoreInputs(factors, flops[1]))
         if self.latency is not None:
-            scores = {g.id: scores[g.id] / self.latency.saved_ms(model, g) for g in groups if g.id in scores}
+            scores = {g.id: scores[g.id] / self._saved_ms(model, g) for g in groups if g.id in scores}
         group_of, channel = self._order(groups, scores)
         if group_of.numel() == 0:
             raise CannotPruneFurther(
@@ -250,6 +291,16 @@ class StructuredPruner:
             raise CannotPruneFurther(f"cannot prune further: with round_to={self.round_to} no channel group can "
                                      f"lose a whole block of {self.round_to} channels in this step")
         return apply(model, _plan(groups, group_of, channel), groups=groups)
+
+    def _saved_ms(self, model: nn.Module, group: ChannelGroup) -> float:
+        """Milliseconds per channel the latency table credits the removal of one of ``group``'s channels."""
+        assert self.latency is not None
+        saved = self.latency.saved_ms(model, group)
+        block = block_of(group.id, self.blocks)
+        if block is None:
+            return saved
+        whole = self.latency.modules_ms(model, [f"{block}.conv{i}" for i in (1, 2, 3)])
+        return max(saved, whole / group.size)
 
     def _order(self, groups: list[ChannelGroup], scores: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Candidate channels in removal order: (group index, channel index), this step's share only."""

@@ -1,7 +1,7 @@
 """Physical channel removal: smaller Conv2d / BatchNorm / Linear layers in a model of the same class.
 
-A pruned model is described by :func:`channel_counts` (out channels per producer), so it can be
-rebuilt without pickled code: ``slim_to(create_model(...), counts)`` then ``load_state_dict``.
+A pruned model is described by :func:`channel_counts` (out channels per producer; 0 for the inner
+convs of a bottleneck reduced to its shortcut), so it can be rebuilt without pickled code: ``slim_to(create_model(...), counts)`` then ``load_state_dict``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from napkit.errors import NapkitError
+from napkit.structured.blocks import INNER, block_of, bottlenecks, skip_block, skipped_blocks
 from napkit.structured.groups import ChannelGroup, channel_groups, find_group, rows
 
 Plan = Mapping[str, Tensor | Sequence[int]]
@@ -40,13 +41,13 @@ def _slice_rows(layer: nn.Module, keep: Tensor) -> None:
 
 
 def _slice_norm(norm: nn.Module, keep: Tensor) -> None:
-    """Keep entries ``keep`` of a BatchNorm: affine parameters and running statistics."""
-    if norm.weight is not None:
-        _set_param(norm, "weight", _take(norm.weight, keep))
-        _set_param(norm, "bias", _take(norm.bias, keep))
-    if norm.running_mean is not None:
-        norm.running_mean = _take(norm.running_mean, keep)
-        norm.running_var = _take(norm.running_var, keep)
+    """Keep entries ``keep`` of a per-channel module (BatchNorm, a skipped block's shift): every
+    parameter and every per-channel buffer (running statistics)."""
+    for name, p in list(norm.named_parameters(recurse=False)):
+        _set_param(norm, name, _take(p, keep))
+    for name, b in list(norm.named_buffers(recurse=False)):
+        if b.dim() > 0:
+            setattr(norm, name, _take(b, keep))
     norm.num_features = len(keep)
 
 
@@ -61,14 +62,17 @@ def _slice_columns(layer: nn.Module, keep: Tensor, block: int) -> None:
     layer.in_features = len(cols)
 
 
-def _keep_index(keep: Tensor | Sequence[int], size: int, group_id: str) -> Tensor:
+def _keep_index(keep: Tensor | Sequence[int], size: int, group_id: str, *, allow_empty: bool = False) -> Tensor:
     """Validated, sorted channel indices to keep."""
     given = torch.as_tensor(keep, dtype=torch.long).reshape(-1).cpu()
     idx = torch.unique(given)  # sorted
     if idx.numel() != given.numel():
         raise NapkitError(f"keep indices of group {group_id!r} repeat a channel")
+    if idx.numel() == 0 and not allow_empty:
+        raise NapkitError(f"group {group_id!r} must keep at least one channel (only a bottleneck's conv1 or conv2 "
+                          f"group may be emptied, which removes the block)")
     if idx.numel() == 0:
-        raise NapkitError(f"group {group_id!r} must keep at least one channel")
+        return idx
     if int(idx[0]) < 0 or int(idx[-1]) >= size:
         raise NapkitError(
             f"keep indices of group {group_id!r} must lie in [0, {size}), got {int(idx[0])}..{int(idx[-1])}"
@@ -91,19 +95,35 @@ def prune_channels(model: nn.Module, group: ChannelGroup, keep: Tensor | Sequenc
 def apply(model: nn.Module, plan: Plan, *, groups: list[ChannelGroup] | None = None) -> nn.Module:
     """A pruned copy of ``model``: for each group id in ``plan``, keep only those channel indices.
 
+    A bottleneck's conv1 or conv2 group may keep none: the block is then replaced by its shortcut
+    (:func:`~napkit.structured.blocks.skip_block`) once every other group has lost its channels, so
+    its constant is that of the masked branch.
     ``groups`` (from :func:`channel_groups` on ``model``) saves tracing again.
     """
     groups = channel_groups(model) if groups is None else groups
+    blocks = bottlenecks(model)
     chosen = [(find_group(groups, gid), keep) for gid, keep in plan.items()]
-    pruned = copy.deepcopy(model)
+    skips: dict[str, str] = {}
+    kept = []
     for group, keep in chosen:
+        block = block_of(group.id, blocks)
+        if _keep_index(keep, group.size, group.id, allow_empty=block is not None).numel() == 0:
+            skips.setdefault(block, group.id.rpartition(".")[2])  # type: ignore[arg-type]
+        else:
+            kept.append((group, keep))
+    pruned = copy.deepcopy(model)
+    for group, keep in kept:
         prune_channels(pruned, group, keep)
+    for block, emptied in skips.items():
+        skip_block(pruned, block, emptied)
     return pruned
 
 
 def channel_counts(model: nn.Module) -> dict[str, int]:
-    """Architecture description of a (pruned) model: out channels of every producer of a prunable group."""
-    return {p: g.size for g in channel_groups(model) for p in g.producers}
+    """Architecture description of a (pruned) model: out channels of every producer of a prunable group,
+    and 0 for the conv1 and conv2 of every bottleneck reduced to its shortcut."""
+    counts = {p: g.size for g in channel_groups(model) for p in g.producers}
+    return counts | {f"{b}.{layer}": 0 for b in skipped_blocks(model) for layer in INNER}
 
 
 def slim_to(model: nn.Module, counts: Mapping[str, int]) -> nn.Module:
@@ -112,6 +132,10 @@ def slim_to(model: nn.Module, counts: Mapping[str, int]) -> nn.Module:
     ``counts`` comes from :func:`channel_counts` of a pruned model of the same architecture; loading
     that model's state dict into the result restores it exactly.
     """
+    for block in bottlenecks(model):
+        if any(counts.get(f"{block}.{layer}") == 0 for layer in INNER):
+            skip_block(model, block)
+    counts = {name: k for name, k in counts.items() if k != 0 or block_of(name, skipped_blocks(model)) is None}
     groups = channel_groups(model)
     expected = {p for g in groups for p in g.producers}
     if set(counts) != expected:
