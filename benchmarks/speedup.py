@@ -4,7 +4,9 @@ ImageNet-shaped torchvision models (random init: latency does not depend on the 
 2x and 4x fewer FLOPs by two allocations (``--allocations``): ``uniform`` (one step, L1 filters, the same
 share of every layer) and ``latency`` (napkit's latency-aware ranking, ``StructuredPruner(latency=...)``: a
 table of every layer timed alone on this CPU at batch 1 and the largest ``--threads``; with random weights
-every FLOP counts as equally valuable, so it removes first the FLOPs this CPU runs slowest). Kept channel
+every FLOP counts as equally valuable, so it removes first the FLOPs this CPU runs slowest), and ``depth``
+(the same, with ``remove_blocks=True``: a ResNet bottleneck whose inner channels rank out goes whole,
+taking its layers' per-call cost with it; VGG16 has no blocks, so it equals ``latency`` there). Kept channel
 counts are rounded to multiples of ``--round-to`` (default: the CPU's float32 SIMD width, 16 on AVX-512 and 8 on AVX2;
 oneDNN's blocked layouts pad channels to it). Each model runs in four forms: ``eager`` (the plain
 ``nn.Module``), ``frozen`` (TorchScript trace, ``torch.jit.freeze`` + ``torch.jit.optimize_for_inference``:
@@ -32,7 +34,7 @@ models timed on its own (frozen, at the largest ``--threads``), summed by kind (
 conv, linear): each kind's share of the dense FLOPs, its FLOPs and latency reductions and its GFLOP/s, next
 to the whole model's (frozen).
 
-    python benchmarks/speedup.py [--models vgg16 resnet50] [--targets 2 4] [--allocations uniform latency]
+    python benchmarks/speedup.py [--models vgg16 resnet50] [--targets 2 4] [--allocations uniform latency depth]
         [--repeats 10 3] [--threads 1 2] [--forms eager frozen compiled] [--per-layer]
 """
 
@@ -52,12 +54,13 @@ from torch import nn
 from napkit.evaluation.cost import layer_flops
 from napkit.models import create_model
 from napkit.structured import ChannelGroup, ScoreInputs, StructuredPruner, saved_flops
+from napkit.structured.blocks import bottlenecks, skipped_blocks
 from napkit.structured.importance import ChannelImportance
 from napkit.structured.latency import LatencyTable, deployment_form, layer_input_shapes
 
 SHAPE = (1, 3, 224, 224)
 BATCHES = (1, 64)
-ALLOCATIONS = ("uniform", "latency")
+ALLOCATIONS = ("uniform", "latency", "depth")
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
@@ -77,14 +80,16 @@ def prune_to(dense: nn.Module, target: float, round_to: int, allocation: str,
              table: LatencyTable | None) -> tuple[nn.Module, float]:
     """The dense model pruned to ``target``x fewer FLOPs, and the reduction reached: ``uniform`` removes
     the same share of every layer in one step (L1 filters); ``latency`` removes 5% of the channels per
-    step by FLOPs per millisecond saved (``table``), re-reading the table at the new widths each step."""
+    step by FLOPs per millisecond saved (``table``), re-reading the table at the new widths each step;
+    ``depth`` also lets whole bottlenecks go."""
     if allocation == "uniform":
         pruner = StructuredPruner("l1", dense, input_shape=SHAPE, step_fraction=1.0,
                                   target_flops_reduction=target, allocation="uniform", round_to=round_to)
         pruned = pruner(dense, 1)
     else:
         pruner = StructuredPruner(FlopsValue(), dense, input_shape=SHAPE, step_fraction=0.05,
-                                  target_flops_reduction=target, round_to=round_to, latency=table)
+                                  target_flops_reduction=target, round_to=round_to, latency=table,
+                                  remove_blocks=allocation == "depth")
         pruned, it = dense, 0
         while not pruner.reached(pruned):
             it += 1
@@ -207,13 +212,17 @@ def main() -> None:
     for name in args.models:
         dense = create_model(name, num_classes=1000, in_channels=3, input_size=SHAPE[-1]).eval()
         torch.set_num_threads(max(args.threads))
-        table = LatencyTable.measure(dense, SHAPE) if "latency" in args.allocations else None
+        table = LatencyTable.measure(dense, SHAPE) if {"latency", "depth"} & set(args.allocations) else None
         pruned = [(a, t, *prune_to(dense, t, args.round_to, a, table)) for a in args.allocations for t in args.targets]
         if table is not None:
             print(f"{name:<9} latency table (layers alone, frozen, batch 1, {max(args.threads)} thread(s)): dense "
                   f"{table.model_ms(dense):.1f} ms, " + ", ".join(f"{a} {t:.0f}x {table.model_ms(m):.1f} ms"
                                                             for a, t, m, _ in pruned)
                   + f"; every layer at 1/16 width {table.floor_ms():.1f} ms", flush=True)
+        for alloc, target, model, _ in pruned:
+            if skipped_blocks(model):
+                print(f"{name:<9} {alloc} {target:.0f}x removed {len(skipped_blocks(model))} of "
+                      f"{len(bottlenecks(dense))} bottlenecks: {', '.join(skipped_blocks(model))}")
         for batch, repeats in zip(BATCHES, args.repeats):
             x = torch.randn(batch, *SHAPE[1:])
             rows: dict[tuple[str, int], tuple[float, list[tuple[str, float]]]] = {}  # setting: (dense ms, ratios)
