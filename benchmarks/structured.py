@@ -8,7 +8,8 @@ learning rate. The tolerance rule is off (every method goes down the whole grid)
 
 ``nap_per_ms`` ranks NAP per millisecond saved by a latency table of the dense model (``--latency-batch``,
 ``--threads``, this CPU), the pipeline's ``prune.structured.latency_batch``; with it in ``--methods`` every
-row also gets the latency reduction the table predicts.
+row also gets the latency reduction the table predicts. ``nap_depth_ms`` is ``nap_per_ms`` with
+``remove_blocks``: a ResNet bottleneck whose inner channels rank out goes whole (its row says how many).
 
     python benchmarks/structured.py [--models vgg16_small resnet50_small] [--methods ...] [--quick]
 """
@@ -31,16 +32,19 @@ from napkit.curvature import estimate_kfac
 from napkit.data import make_loader
 from napkit.pruning.loop import IterativePruner
 from napkit.structured import StructuredPruner, create_channel_importance
+from napkit.structured.blocks import skipped_blocks
 from napkit.structured.latency import LatencyTable
 from napkit.structured.surgery import recalibrate_bn
 from napkit.training.engine import evaluate, train_one_epoch
 from napkit.training.trainer import fit
 
+LATENCY_METHODS = ("nap_per_ms", "nap_depth_ms")
 HIT = 0.02  # a FLOPs reduction within 2% of a grid point counts as that point (then the next is aimed at)
 METHODS = {  # name: (channel importance, allocation)
     "nap": ("nap", "global"),
     "nap_per_flop": ("nap_per_flop", "global"),
     "nap_per_ms": ("nap", "global"),  # divided by the latency table's saving (prune.structured.latency_batch)
+    "nap_depth_ms": ("nap", "global"),  # the same, whole bottlenecks removable (prune.structured.remove_blocks)
     "l1_uniform": ("l1", "uniform"),
     "l1_global": ("l1", "global"),
     "slimming": ("bn_gamma", "global"),
@@ -63,7 +67,8 @@ def run_method(method: str, dense: nn.Module, splits, test, grid: list[float], a
     criterion = create_channel_importance("random", seed=0) if importance == "random" else importance
     pruner = StructuredPruner(criterion, dense, input_shape=shape, step_fraction=args.step, allocation=allocation,
                               target_flops_reduction=grid[-1], factors_provider=factors, damping=args.damping,
-                              latency=table if method == "nap_per_ms" else None)
+                              latency=table if method in LATENCY_METHODS else None,
+                              remove_blocks=method == "nap_depth_ms")
     n_batches = max(1, round(args.ft_fraction * len(splits.train) / args.batch))
     rows, pre = [], {}
 
@@ -94,8 +99,9 @@ def run_method(method: str, dense: nn.Module, splits, test, grid: list[float], a
         top1 = evaluate(final, test, device=DEVICE, progress=False)["top1"]
         rows.append({"method": method, "target": hit, "flops_reduction": red,
                      "params_reduction": rec.measures["params_reduction"], "pre_ft_top1": pre[rec.iteration],
-                     "top1": top1, **({"table_ms": table.model_ms(final)} if table is not None else {})})
-        log(f"  {method}: {red:.2f}x FLOPs  pre-ft {pre[rec.iteration]:.2f}  final {top1:.2f}")
+                     "top1": top1, "blocks_removed": len(skipped_blocks(final)), **({"table_ms": table.model_ms(final)} if table is not None else {})})
+        log(f"  {method}: {red:.2f}x FLOPs  pre-ft {pre[rec.iteration]:.2f}  final {top1:.2f}  "
+            f"blocks removed {len(skipped_blocks(final))}")
 
     current = {"model": model}
 
@@ -146,7 +152,7 @@ def main() -> None:
         top1_dense = evaluate(dense, test, device=DEVICE, progress=False)["top1"]
         log(f"{name}: dense test top-1 {top1_dense:.2f}")
         table = None
-        if "nap_per_ms" in args.methods:  # at --latency-batch and --threads, on this CPU
+        if set(LATENCY_METHODS) & set(args.methods):  # at --latency-batch and --threads, on this CPU
             shape = (args.latency_batch, splits.in_channels, splits.input_size, splits.input_size)
             table = LatencyTable.measure(dense, shape, progress=False)
             log(f"{name}: latency table, dense {table.model_ms(dense):.3f} ms at batch {args.latency_batch}")
@@ -159,10 +165,11 @@ def main() -> None:
     tag = args.out or ("structured-quick" if args.quick else "structured")
     (RESULTS / f"{tag}.json").write_text(json.dumps(results, indent=2))
     print_table(["model", "method", "FLOPs red.", "params red.", "top-1 pre-ft", "top-1", "dense top-1",
-                 "table latency red."],
+                 "table latency red.", "blocks removed"],
                 [[r["model"], r["method"], f"{r['flops_reduction']:.2f}x", f"{r['params_reduction']:.2f}x",
                   f"{r['pre_ft_top1']:.2f}", f"{r['top1']:.2f}", f"{r['dense_top1']:.2f}",
-                  f"{r['dense_table_ms'] / r['table_ms']:.2f}x" if "table_ms" in r else "-"] for r in results],
+                  f"{r['dense_table_ms'] / r['table_ms']:.2f}x" if "table_ms" in r else "-",
+                  r.get("blocks_removed", 0)] for r in results],
                 title=f"CIFAR-10 ({len(splits.train)} training / {len(splits.test)} test images), test top-1 after the "
                       f"final fine-tune")
     plt = pyplot()

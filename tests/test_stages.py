@@ -15,6 +15,7 @@ from napkit.data import make_loader
 from napkit.errors import NapkitError
 from napkit.stages import curvature, evaluate, finetune, pretrain, prune
 from napkit.stages.common import checkpoint_path, load_splits, model_spec, stage_dir
+from napkit.structured.blocks import skipped_blocks
 from napkit.structured.surgery import recalibrate_bn
 from napkit.training.trainer import fit
 
@@ -176,3 +177,23 @@ def test_structured_stage_ranks_per_millisecond_with_a_latency_batch(compose_cfg
     before, after = parts["measure"](dense, None), parts["measure"](smaller, None)
     assert 0 < after["latency_table_ms"] < before["latency_table_ms"]
     assert after["flops_reduction"] > 1.0
+
+
+def test_structured_stage_removes_emptied_bottlenecks_and_rebuilds_them(compose_cfg) -> None:
+    """``prune.structured.remove_blocks``: emptied bottlenecks leave the model, their layers report density 0,
+    and the stage's architecture description rebuilds the shallower model exactly."""
+    cfg = compose_cfg("model=resnet50_small", "prune=l1", "data.subset_train=128", "model.width=0.125",
+                      "prune.structured.remove_blocks=true", "prune.structured.step_fraction=1.0",
+                      "prune.structured.target_flops_reduction=null")
+    splits = load_splits(cfg)
+    spec = model_spec(cfg, splits)
+    dense = spec.build().eval()
+    parts = prune._structured(cfg, dense, spec, splits, provider=None, device=torch.device("cpu"))
+    smaller, _ = parts["step"](dense, None, 1)
+    assert len(skipped_blocks(smaller)) == 16  # every inner group ranked out entirely
+    density = parts["density"](smaller, None)
+    assert density["layer2.1.conv1"] == 0.0 and 0.0 < density["layer2.0.conv3"] < 1.0
+    rebuilt = parts["rebuild"](parts["describe"](smaller))
+    rebuilt.load_state_dict(smaller.state_dict())
+    x = torch.randn(2, spec.in_channels, spec.input_size, spec.input_size)
+    assert torch.equal(rebuilt.eval()(x), smaller.eval()(x))
