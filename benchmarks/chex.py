@@ -113,9 +113,13 @@ def run_case(name: str, target: float, splits, test, *, epochs: int, lr: float, 
         torch.manual_seed(seed)
         return build_model(name, splits, width=width)
 
-    def record(method: str, model: nn.Module, t0: float) -> None:
+    def record(method: str, model: nn.Module, t0: float, explorer=None) -> None:
         row = {"model": name, "target": target, "method": method, "seed": seed, **measure(model, test, shape, dense_flops),
                "seconds": time.perf_counter() - t0}
+        if explorer is not None:  # regrown channels, and how many of them the next step kept
+            steps = explorer.records
+            row["regrown"] = sum(r.regrown for r in steps[:-1])
+            row["survived"] = sum(r.survived or 0 for r in steps[1:])
         log(f"  {method}: {row}")
         rows.append(row)
 
@@ -130,7 +134,7 @@ def run_case(name: str, target: float, splits, test, *, epochs: int, lr: float, 
             cfg = chex_cfg(epochs, lr, sparsity, target_flops_reduction=target, **{**floored, **ablations[method]})
             ex, _ = train_chex(model, splits.train, splits.val, cfg=cfg, batch_size=batch, eval_batch_size=1000,
                                seed=seed, device=DEVICE, input_shape=shape, progress=False)
-            record(method, compact(model.cpu(), ex.masks), t0)
+            record(method, compact(model.cpu(), ex.masks), t0, ex)
         elif method == "uniform":
             model = apply(fresh(), uniform_plan(base, sparsity))
             fit(model, splits.train, splits.val, cfg=optim_cfg(lr, epochs), batch_size=batch, eval_batch_size=1000,
@@ -212,9 +216,10 @@ def main() -> None:
                              batch=128, seed=args.seed, floor=args.density_floor)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{out}.json").write_text(json.dumps(rows, indent=1))
-    print_table(["model", "target", "method", "top1", "params", "MFLOPs", "FLOPs red.", "s"],
+    print_table(["model", "target", "method", "top1", "params", "MFLOPs", "FLOPs red.", "regrown kept", "s"],
                 [[r["model"], f"{r['target']:.0f}x", r["method"], f"{r['top1']:.2f}", r["params"],
-                  f"{r['flops'] / 1e6:.2f}", f"{r['flops_reduction']:.2f}", f"{r['seconds']:.0f}"] for r in rows],
+                  f"{r['flops'] / 1e6:.2f}", f"{r['flops_reduction']:.2f}",
+                  f"{r['survived']}/{r['regrown']}" if r.get("regrown") else "-", f"{r['seconds']:.0f}"] for r in rows],
                 title=f"CHEX vs baselines, CIFAR-10 ({n_train or 'all'} train / {n_test or 'all'} test images), "
                       f"width {width}, {epochs} epochs each, seed {args.seed}"
                       + (f", CHEX density floor {args.density_floor} x uniform" if args.density_floor else ""))
