@@ -125,6 +125,15 @@ def test_latency_ranking_removes_blocks_only_when_allowed() -> None:
         assert pruner.measure(pruned)["flops_reduction"] >= 2.0
         return pruned
 
+    groups = {g.id: g for g in channel_groups(model)}
+    inner, stage = groups["layer1.0.conv1"], groups["layer1.0.conv3"]
+    whole = table.modules_ms(model, [f"layer1.0.conv{i}" for i in (1, 2, 3)])
+    assert whole / inner.size > table.saved_ms(model, inner)  # 1 ms a call: the block's share is the larger
+    credit = StructuredPruner("l1", model, input_shape=SHAPE, step_fraction=0.1, latency=table, remove_blocks=True)
+    plain = StructuredPruner("l1", model, input_shape=SHAPE, step_fraction=0.1, latency=table)
+    assert credit._saved_ms(model, inner) == pytest.approx(whole / inner.size)
+    assert plain._saved_ms(model, inner) == table.saved_ms(model, inner)
+    assert credit._saved_ms(model, stage) == table.saved_ms(model, stage)  # not a block's inner group
     with_blocks, without = prune(True), prune(False)
     assert not any(isinstance(m, SkippedBlock) for m in without.modules())
     assert skipped_blocks(with_blocks)  # 1 ms per call: whole blocks are the cheapest milliseconds
