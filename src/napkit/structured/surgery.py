@@ -1,7 +1,8 @@
 """Physical channel removal: smaller Conv2d / BatchNorm / Linear layers in a model of the same class.
 
 A pruned model is described by :func:`channel_counts` (out channels per producer; 0 for the inner
-convs of a bottleneck reduced to its shortcut), so it can be rebuilt without pickled code: ``slim_to(create_model(...), counts)`` then ``load_state_dict``.
+convs of a bottleneck reduced to its shortcut), so it can be rebuilt without pickled code:
+``slim_to(create_model(...), counts)`` then ``load_state_dict``.
 """
 
 from __future__ import annotations
@@ -68,11 +69,11 @@ def _keep_index(keep: Tensor | Sequence[int], size: int, group_id: str, *, allow
     idx = torch.unique(given)  # sorted
     if idx.numel() != given.numel():
         raise NapkitError(f"keep indices of group {group_id!r} repeat a channel")
-    if idx.numel() == 0 and not allow_empty:
+    if idx.numel() == 0:
+        if allow_empty:
+            return idx
         raise NapkitError(f"group {group_id!r} must keep at least one channel (only a bottleneck's conv1 or conv2 "
                           f"group may be emptied, which removes the block)")
-    if idx.numel() == 0:
-        return idx
     if int(idx[0]) < 0 or int(idx[-1]) >= size:
         raise NapkitError(
             f"keep indices of group {group_id!r} must lie in [0, {size}), got {int(idx[0])}..{int(idx[-1])}"
