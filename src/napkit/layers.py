@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 
 PrunableLayer = nn.Linear | nn.Conv2d
@@ -33,3 +36,14 @@ def weight_matrix_shape(layer: PrunableLayer) -> tuple[int, int]:
     """(d_out, d_in) of the layer's weight viewed as a matrix (conv: order c, kh, kw)."""
     w = layer.weight
     return w.shape[0], w[0].numel()
+
+
+@contextmanager
+def modes_kept(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block that may switch ``model``'s submodules between train and eval; restore every mode after."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode

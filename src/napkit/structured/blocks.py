@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 
+from napkit.layers import modes_kept
+
 INNER = ("conv1", "conv2")  # producers whose channel group, emptied, removes the block
 BRANCH = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")  # what goes with it
 
@@ -68,8 +70,7 @@ def block_of(group_id: str, blocks: list[str]) -> str | None:
 @torch.no_grad()
 def branch_constant(block: Bottleneck, emptied: str) -> Tensor:
     """Eval-mode output of ``block``'s branch once producer ``emptied`` (conv1 or conv2) has no channels."""
-    modes = [(m, m.training) for m in block.modules()]
-    try:
+    with modes_kept(block):
         block.eval()
         ref = block.conv3.weight
         if emptied == "conv1":
@@ -78,9 +79,6 @@ def branch_constant(block: Bottleneck, emptied: str) -> Tensor:
         else:
             x = torch.zeros(1, block.conv3.in_channels, 1, 1, dtype=ref.dtype, device=ref.device)
         return block.bn3(block.conv3(x)).flatten()
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def skip_block(model: nn.Module, name: str, emptied: str = "conv1") -> None:

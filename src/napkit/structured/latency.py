@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from napkit.errors import NapkitError
 from napkit.evaluation.cost import time_ms
-from napkit.layers import PrunableLayer, prunable_layers
+from napkit.layers import PrunableLayer, modes_kept, prunable_layers
 from napkit.structured.groups import ChannelGroup, in_channels, rows
 
 FRACTIONS = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)
@@ -152,7 +152,7 @@ class LatencyTable:
 
     def model_ms(self, model: nn.Module) -> float:
         """Sum of the table's latencies of ``model``'s layers at their current channel counts."""
-        return sum(self.layer_ms(n, *_units(layer)) for n, layer in prunable_layers(model).items() if n in self.specs)
+        return self.modules_ms(model, [n for n in prunable_layers(model) if n in self.specs])
 
     def modules_ms(self, model: nn.Module, names: list[str]) -> float:
         """Sum of the table's latencies of layers ``names`` of ``model`` at their current channel counts."""
@@ -196,13 +196,10 @@ def layer_input_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[s
     seen: dict[str, torch.Size] = {}
     hooks = [m.register_forward_hook(lambda _m, args, _out, n=n: seen.__setitem__(n, args[0].shape))
              for n, m in prunable_layers(model).items()]
-    modes = [(m, m.training) for m in model.modules()]
     try:
-        with torch.inference_mode():
+        with modes_kept(model), torch.inference_mode():
             model.eval()(torch.zeros(input_shape, device=next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
-        for m, mode in modes:
-            m.training = mode
     return seen

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from napkit.curvature import KFACFactors
 from napkit.errors import NapkitError, unknown_choice
 from napkit.evaluation.cost import layer_flops
+from napkit.layers import modes_kept
 from napkit.pruning.allocation import CannotPruneFurther
 from napkit.structured.blocks import BRANCH, INNER, block_of, bottlenecks
 from napkit.structured.groups import ChannelGroup, channel_groups, in_channels, rows
@@ -31,12 +32,8 @@ ALLOCATIONS = ("global", "uniform")
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, dict[str, int]]:
     """:func:`layer_flops` without leaving the model in eval mode."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
+    with modes_kept(model):
         return layer_flops(model, input_shape)
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def count_params(model: nn.Module) -> int:

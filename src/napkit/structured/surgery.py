@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from napkit.errors import NapkitError
+from napkit.layers import modes_kept
 from napkit.structured.blocks import INNER, block_of, bottlenecks, skip_block, skipped_blocks
 from napkit.structured.groups import ChannelGroup, channel_groups, find_group, rows
 
@@ -136,7 +137,8 @@ def slim_to(model: nn.Module, counts: Mapping[str, int]) -> nn.Module:
     for block in bottlenecks(model):
         if any(counts.get(f"{block}.{layer}") == 0 for layer in INNER):
             skip_block(model, block)
-    counts = {name: k for name, k in counts.items() if k != 0 or block_of(name, skipped_blocks(model)) is None}
+    skipped = skipped_blocks(model)
+    counts = {name: k for name, k in counts.items() if k != 0 or block_of(name, skipped) is None}
     groups = channel_groups(model)
     expected = {p for g in groups for p in g.producers}
     if set(counts) != expected:
@@ -175,26 +177,24 @@ def recalibrate_bn(model: nn.Module, loader: Iterable[Sequence[Tensor]], num_bat
     norms = _norms(model)
     if not norms:
         return model
-    modes = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in norms]
     device = next(model.parameters()).device
     seen = 0
-    try:
-        model.eval()
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        for batch in loader:
-            if seen == num_batches:
-                break
-            model(batch[0].to(device))
-            seen += 1
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for m, momentum in momenta:
-            m.momentum = momentum
+    with modes_kept(model):
+        try:
+            model.eval()
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None
+                m.train()
+            for batch in loader:
+                if seen == num_batches:
+                    break
+                model(batch[0].to(device))
+                seen += 1
+        finally:
+            for m, momentum in momenta:
+                m.momentum = momentum
     if seen == 0:
         raise NapkitError("the loader yielded no batches; cannot recalibrate BatchNorm statistics")
     return model
