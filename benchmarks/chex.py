@@ -97,10 +97,11 @@ def measure(model: nn.Module, test, shape, dense_flops: int) -> dict[str, float]
 
 
 def run_case(name: str, target: float, splits, test, *, epochs: int, lr: float, width: float,
-             methods: list[str], batch: int, seed: int = 0, floor: float = 0.0) -> list[dict]:
+             methods: list[str], batch: int, seed: int = 0, floor: float = 0.0,
+             temperature: float = 1.0) -> list[dict]:
     """Every method of ``methods`` at one (model, FLOPs target); ``seed`` drives initialisation, batch order
     and exploration alike; ``floor`` > 0 keeps every layer of every CHEX variant at >= floor x the uniform
-    density (``chex.min_layer_density``)."""
+    density (``chex.min_layer_density``); ``temperature`` is every CHEX variant's ``chex.regrowth_temperature``."""
     shape = input_shape(splits.in_channels, splits.input_size)
     torch.manual_seed(seed)
     base = build_model(name, splits, width=width)
@@ -120,6 +121,8 @@ def run_case(name: str, target: float, splits, test, *, epochs: int, lr: float, 
             steps = explorer.records
             row["regrown"] = sum(r.regrown for r in steps[:-1])
             row["survived"] = sum(r.survived or 0 for r in steps[1:])
+            dist = [r.sampling_distance for r in steps if r.sampling_distance is not None]
+            row["sampling_distance"] = sum(dist) / len(dist) if dist else 0.0
         log(f"  {method}: {row}")
         rows.append(row)
 
@@ -131,7 +134,8 @@ def run_case(name: str, target: float, splits, test, *, epochs: int, lr: float, 
         if method in ablations:
             model = fresh()
             floored = {"min_layer_density": round(floor * (1.0 - sparsity), 3)} if floor else {}
-            cfg = chex_cfg(epochs, lr, sparsity, target_flops_reduction=target, **{**floored, **ablations[method]})
+            cfg = chex_cfg(epochs, lr, sparsity, target_flops_reduction=target, regrowth_temperature=temperature,
+                           **{**floored, **ablations[method]})
             ex, _ = train_chex(model, splits.train, splits.val, cfg=cfg, batch_size=batch, eval_batch_size=1000,
                                seed=seed, device=DEVICE, input_shape=shape, progress=False)
             record(method, compact(model.cpu(), ex.masks), t0, ex)
@@ -196,6 +200,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="initialisation / batch order / exploration seed")
     ap.add_argument("--density-floor", type=float, default=0.0,
                     help="every CHEX variant keeps each layer at >= this fraction of the uniform density")
+    ap.add_argument("--regrowth-temperature", type=float, default=1.0,
+                    help="every CHEX variant samples regrowth by softmax(eps / T) (1: the paper's rule)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on the shared 2 cores)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -213,16 +219,21 @@ def main() -> None:
     for name in models:
         for target in targets:
             rows += run_case(name, target, splits, test, epochs=epochs, lr=0.05, width=width, methods=args.methods,
-                             batch=128, seed=args.seed, floor=args.density_floor)
+                             batch=128, seed=args.seed, floor=args.density_floor,
+                             temperature=args.regrowth_temperature)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{out}.json").write_text(json.dumps(rows, indent=1))
-    print_table(["model", "target", "method", "top1", "params", "MFLOPs", "FLOPs red.", "regrown kept", "s"],
+    print_table(["model", "target", "method", "top1", "params", "MFLOPs", "FLOPs red.", "regrown kept",
+                 "TV from uniform", "s"],
                 [[r["model"], f"{r['target']:.0f}x", r["method"], f"{r['top1']:.2f}", r["params"],
                   f"{r['flops'] / 1e6:.2f}", f"{r['flops_reduction']:.2f}",
-                  f"{r['survived']}/{r['regrown']}" if r.get("regrown") else "-", f"{r['seconds']:.0f}"] for r in rows],
+                  f"{r['survived']}/{r['regrown']}" if r.get("regrown") else "-",
+                  f"{r['sampling_distance']:.3f}" if "sampling_distance" in r else "-", f"{r['seconds']:.0f}"]
+                 for r in rows],
                 title=f"CHEX vs baselines, CIFAR-10 ({n_train or 'all'} train / {n_test or 'all'} test images), "
                       f"width {width}, {epochs} epochs each, seed {args.seed}"
-                      + (f", CHEX density floor {args.density_floor} x uniform" if args.density_floor else ""))
+                      + (f", CHEX density floor {args.density_floor} x uniform" if args.density_floor else "")
+                      + (f", regrowth temperature {args.regrowth_temperature}" if args.regrowth_temperature != 1 else ""))
     plt = pyplot()
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, name in zip(axes[0], models):

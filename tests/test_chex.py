@@ -15,8 +15,22 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from napkit.artifacts import load_model
-from napkit.chex import (ChannelMasks, Explorer, MRUBank, Schedule, channel_tensors, chex_layers, compact,
-                         css_keep, layer_budgets, sample_regrowth, sparsity_for_flops, train_chex)
+from napkit.chex import (
+    ChannelMasks,
+    Explorer,
+    MRUBank,
+    Schedule,
+    channel_tensors,
+    chex_layers,
+    compact,
+    css_keep,
+    distance_from_uniform,
+    layer_budgets,
+    regrowth_probabilities,
+    sample_regrowth,
+    sparsity_for_flops,
+    train_chex,
+)
 from napkit.errors import NapkitError
 from napkit.evaluation.cost import input_shape
 from napkit.models import create_model
@@ -207,6 +221,48 @@ def test_regrowth_prefers_filters_outside_the_kept_span() -> None:
     hits = sum(int(sample_regrowth(x, torch.tensor([0, 1]), 1, generator=torch.Generator().manual_seed(s)).item() == 3)
                for s in range(20))
     assert hits == 20
+
+
+def _residual_matrix(residuals: list[float]) -> torch.Tensor:
+    """Two kept unit filters (columns 0, 1) and candidates orthogonal to them with these squared residuals."""
+    x = torch.zeros(2 + len(residuals), 2 + len(residuals), dtype=torch.float64)
+    x[0, 0], x[1, 1] = 1.0, 1.0
+    for j, r in enumerate(residuals):
+        x[2 + j, 2 + j] = math.sqrt(r)
+        x[0, 2 + j] = 3.0  # a component inside the kept span, which the projection removes
+    return x
+
+
+def test_regrowth_probabilities_are_the_softmax_of_residuals_over_the_temperature() -> None:
+    eps = [1.0, 1.2, 1.5]
+    x, kept = _residual_matrix(eps), torch.tensor([0, 1])
+    for t in (1.0, 0.05):
+        candidates, probs = regrowth_probabilities(x, kept, temperature=t)
+        expected = torch.softmax(torch.tensor(eps, dtype=torch.float64) / t, 0)
+        assert candidates.tolist() == [2, 3, 4]
+        assert torch.allclose(probs, expected, atol=1e-9)
+        assert distance_from_uniform(probs) == pytest.approx(float(0.5 * (expected - 1 / 3).abs().sum()))
+    # at T = 1, residuals of similar size (as BatchNorm nets' filters have) give a near-uniform draw
+    assert distance_from_uniform(regrowth_probabilities(x, kept)[1]) < 0.15
+    assert distance_from_uniform(regrowth_probabilities(x, kept, method="random")[1]) == 0.0
+    # a cold temperature always draws the largest residual first
+    assert all(sample_regrowth(x, kept, 1, generator=torch.Generator().manual_seed(s), temperature=0.01).item() == 4
+               for s in range(20))
+    with pytest.raises(NapkitError, match=r"regrowth_temperature must be > 0, got 0.0"):
+        regrowth_probabilities(x, kept, temperature=0.0)
+
+
+def test_each_step_records_how_far_regrowth_is_from_uniform() -> None:
+    def distances(**kw) -> list[float]:
+        model = _model("vgg16_small")
+        _randomize_norms(model)
+        ex = Explorer(model, sparsity=0.5, d0=0.3, seed=0, **kw)
+        ex.init(model)
+        return [ex.step(model, e, d).sampling_distance for e, d in ((1, 0.2), (2, 0.1))]
+
+    random, spec, cold = distances(regrowth="random"), distances(), distances(temperature=0.05)
+    assert random == [0.0, 0.0]
+    assert all(0.0 < a < b for a, b in zip(spec, cold))
 
 
 def test_exploration_is_deterministic_under_a_seed() -> None:

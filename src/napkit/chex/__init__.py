@@ -9,7 +9,15 @@ from napkit.chex.budget import layer_budgets, layer_scores
 from napkit.chex.css import css_keep, filter_matrix, l1_keep, leverage_scores
 from napkit.chex.explorer import Explorer, StepRecord, compact, sparsity_for_flops
 from napkit.chex.masks import ChannelMasks, ChexLayer, channel_tensors, chex_layers
-from napkit.chex.regrow import REGROWTH, REINIT, MRUBank, projection_residuals, sample_regrowth
+from napkit.chex.regrow import (
+    REGROWTH,
+    REINIT,
+    MRUBank,
+    distance_from_uniform,
+    projection_residuals,
+    regrowth_probabilities,
+    sample_regrowth,
+)
 from napkit.chex.schedule import Schedule
 from napkit.chex.trainer import make_explorer, train_chex
 
@@ -26,6 +34,7 @@ __all__ = [
     "chex_layers",
     "compact",
     "css_keep",
+    "distance_from_uniform",
     "filter_matrix",
     "l1_keep",
     "layer_budgets",
@@ -33,6 +42,7 @@ __all__ = [
     "leverage_scores",
     "make_explorer",
     "projection_residuals",
+    "regrowth_probabilities",
     "sample_regrowth",
     "sparsity_for_flops",
     "train_chex",

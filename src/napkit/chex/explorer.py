@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from napkit.chex.budget import layer_budgets, layer_scores
 from napkit.chex.css import css_keep, filter_matrix, l1_keep
 from napkit.chex.masks import ChannelMasks, ChexLayer, chex_layers
-from napkit.chex.regrow import REGROWTH, REINIT, MRUBank, sample_regrowth
+from napkit.chex.regrow import REGROWTH, REINIT, MRUBank, distance_from_uniform, draw, regrowth_probabilities
 from napkit.errors import NapkitError
 from napkit.structured.groups import ChannelGroup, channel_groups
 from napkit.structured.pruner import count_flops
@@ -43,12 +43,15 @@ class StepRecord:
     survived: int | None  # of the previous step's regrown channels, how many CSS kept this step
     layer_regrown: dict[str, int] = field(default_factory=dict)
     sparsity: float | None = None  # the global sparsity S the budgets used this step
+    # draw-weighted mean total-variation distance of the regrowth distribution from uniform (0: random)
+    sampling_distance: float | None = None
 
     def row(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "sparsity": self.sparsity, "regrow_factor": self.regrow_factor,
                 "density": self.density,
                 "kept": self.kept, "regrown": self.regrown,
                 "survived": -1 if self.survived is None else self.survived,
+                "sampling_distance": self.sampling_distance,
                 **{f"channels/{k}": v for k, v in self.channels.items()}}
 
 
@@ -62,13 +65,15 @@ class Explorer:
     """
 
     def __init__(self, model: nn.Module, *, sparsity: float, d0: float, regrowth: str = "importance",
-                 reinit: str = "mru", seed: int = 0, min_channels: int = 1, min_density: float = 0.0,
+                 reinit: str = "mru", temperature: float = 1.0, seed: int = 0, min_channels: int = 1, min_density: float = 0.0,
                  groups: list[ChannelGroup] | None = None,
                  flops_target: tuple[float, tuple[int, ...]] | None = None) -> None:
         if regrowth not in REGROWTH:
             raise NapkitError(f"unknown chex.regrowth {regrowth!r}; valid choices: {', '.join(REGROWTH)}")
         if reinit not in REINIT:
             raise NapkitError(f"unknown chex.reinit {reinit!r}; valid choices: {', '.join(REINIT)}")
+        if not temperature > 0.0:
+            raise NapkitError(f"chex.regrowth_temperature must be > 0, got {temperature}")
         if not 0.0 <= sparsity < 1.0:
             raise NapkitError(f"chex.S must lie in [0, 1), got {sparsity}")
         if not 0.0 <= d0 <= sparsity:
@@ -79,6 +84,7 @@ class Explorer:
         self.groups, self.flops_target = groups, flops_target
         self.layers: list[ChexLayer] = chex_layers(model, groups)
         self.sparsity, self.d0, self.regrowth, self.reinit = float(sparsity), float(d0), regrowth, reinit
+        self.temperature = float(temperature)
         self.seed, self.min_channels, self.min_density = int(seed), int(min_channels), float(min_density)
         self.masks = ChannelMasks.dense(self.layers)
         self.bank = MRUBank(self.layers)
@@ -121,10 +127,14 @@ class Explorer:
             self.bank.restore(model, {lid: ~m for lid, m in old.items()})
         # (d) regrow by importance sampling
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        new, regrown = {}, {}
+        new, regrown, distance, draws = {}, {}, 0.0, 0
         for l in self.layers:
             x = filter_matrix(model.get_submodule(l.producer).weight)
-            r = sample_regrowth(x, kept[l.id], grow[l.id], generator=gen, method=self.regrowth)
+            candidates, probs = regrowth_probabilities(x, kept[l.id], method=self.regrowth,
+                                                       temperature=self.temperature)
+            r = draw(candidates, probs, grow[l.id], gen)
+            if r.numel():
+                distance, draws = distance + r.numel() * distance_from_uniform(probs), draws + r.numel()
             m = torch.zeros(l.size, dtype=torch.bool)
             m[kept[l.id]] = True
             m[r] = True
@@ -143,7 +153,7 @@ class Explorer:
                          channels=counts, kept=sum(keep.values()),
                          regrown=sum(int(v.numel()) for v in self.last_regrown.values()), survived=survived,
                          layer_regrown={lid: int(v.numel()) for lid, v in self.last_regrown.items()},
-                         sparsity=sparsity)
+                         sparsity=sparsity, sampling_distance=distance / draws if draws else None)
         self.records.append(rec)
         return rec
 

@@ -42,6 +42,7 @@ def make_explorer(model: nn.Module, cfg: DictConfig, seed: int, sparsity: float 
         raise NapkitError("chex.target_flops_reduction needs the model's input shape to measure FLOPs")
     return Explorer(model, sparsity=float(cfg.S if sparsity is None else sparsity), d0=float(cfg.d0),
                     regrowth=str(cfg.get("regrowth", "importance")), reinit=str(cfg.get("reinit", "mru")),
+                    temperature=float(cfg.get("regrowth_temperature", 1.0)),
                     seed=seed, min_channels=int(cfg.get("min_channels", 1)),
                     min_density=float(cfg.get("min_layer_density", 0.0)),
                     flops_target=None if target is None else (float(target), tuple(input_shape)))
@@ -97,8 +98,9 @@ def train_chex(
     for epoch in range(start, epochs):
         if schedule.explores(epoch):
             rec = explorer.step(model, epoch, schedule.regrow_factor(epoch))
-            log.info("%s explore @%d: d=%.4f density=%.4f regrown=%d survived=%s", desc, epoch,
-                     rec.regrow_factor, rec.density, rec.regrown, rec.survived)
+            log.info("%s explore @%d: d=%.4f density=%.4f regrown=%d survived=%s sampling TV from uniform=%s",
+                     desc, epoch, rec.regrow_factor, rec.density, rec.regrown, rec.survived,
+                     "-" if rec.sampling_distance is None else f"{rec.sampling_distance:.3f}")
             if on_step is not None:
                 on_step(rec)
         loader = make_loader(train_set, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch, drop_last=False)

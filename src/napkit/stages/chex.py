@@ -71,7 +71,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         def on_step(rec) -> None:
             tracker.log_metrics({"sparsity": rec.sparsity, "density": rec.density, "regrown": rec.regrown,
                                  "kept": rec.kept, "regrow_factor": rec.regrow_factor,
-                                 **({"survived": rec.survived} if rec.survived is not None else {})},
+                                 **({"survived": rec.survived} if rec.survived is not None else {}),
+                                 **({"sampling_distance": rec.sampling_distance}
+                                    if rec.sampling_distance is not None else {})},
                                 step=rec.epoch)
             tracker.log_metrics(rec.channels, step=rec.epoch, prefix="chex_train/channels/")
 
