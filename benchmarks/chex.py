@@ -101,7 +101,8 @@ def run_case(name: str, target: float, splits, test, *, epochs: int, lr: float, 
              temperature: float = 1.0) -> list[dict]:
     """Every method of ``methods`` at one (model, FLOPs target); ``seed`` drives initialisation, batch order
     and exploration alike; ``floor`` > 0 keeps every layer of every CHEX variant at >= floor x the uniform
-    density (``chex.min_layer_density``); ``temperature`` is every CHEX variant's ``chex.regrowth_temperature``."""
+    density (``chex.min_layer_density``); ``temperature`` is every CHEX variant's
+    ``chex.regrowth_temperature``."""
     shape = input_shape(splits.in_channels, splits.input_size)
     torch.manual_seed(seed)
     base = build_model(name, splits, width=width)
@@ -233,7 +234,8 @@ def main() -> None:
                 title=f"CHEX vs baselines, CIFAR-10 ({n_train or 'all'} train / {n_test or 'all'} test images), "
                       f"width {width}, {epochs} epochs each, seed {args.seed}"
                       + (f", CHEX density floor {args.density_floor} x uniform" if args.density_floor else "")
-                      + (f", regrowth temperature {args.regrowth_temperature}" if args.regrowth_temperature != 1 else ""))
+                      + (f", regrowth temperature {args.regrowth_temperature}"
+                         if args.regrowth_temperature != 1 else ""))
     plt = pyplot()
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, name in zip(axes[0], models):

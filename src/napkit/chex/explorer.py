@@ -23,7 +23,14 @@ from torch import Tensor, nn
 from napkit.chex.budget import layer_budgets, layer_scores
 from napkit.chex.css import css_keep, filter_matrix, l1_keep
 from napkit.chex.masks import ChannelMasks, ChexLayer, chex_layers
-from napkit.chex.regrow import REGROWTH, REINIT, MRUBank, distance_from_uniform, draw, regrowth_probabilities
+from napkit.chex.regrow import (
+    REINIT,
+    MRUBank,
+    check_regrowth,
+    distance_from_uniform,
+    draw,
+    regrowth_probabilities,
+)
 from napkit.errors import NapkitError
 from napkit.structured.groups import ChannelGroup, channel_groups
 from napkit.structured.pruner import count_flops
@@ -65,15 +72,13 @@ class Explorer:
     """
 
     def __init__(self, model: nn.Module, *, sparsity: float, d0: float, regrowth: str = "importance",
-                 reinit: str = "mru", temperature: float = 1.0, seed: int = 0, min_channels: int = 1, min_density: float = 0.0,
+                 reinit: str = "mru", temperature: float = 1.0, seed: int = 0, min_channels: int = 1,
+                 min_density: float = 0.0,
                  groups: list[ChannelGroup] | None = None,
                  flops_target: tuple[float, tuple[int, ...]] | None = None) -> None:
-        if regrowth not in REGROWTH:
-            raise NapkitError(f"unknown chex.regrowth {regrowth!r}; valid choices: {', '.join(REGROWTH)}")
+        check_regrowth(regrowth, temperature)
         if reinit not in REINIT:
             raise NapkitError(f"unknown chex.reinit {reinit!r}; valid choices: {', '.join(REINIT)}")
-        if not temperature > 0.0:
-            raise NapkitError(f"chex.regrowth_temperature must be > 0, got {temperature}")
         if not 0.0 <= sparsity < 1.0:
             raise NapkitError(f"chex.S must lie in [0, 1), got {sparsity}")
         if not 0.0 <= d0 <= sparsity:

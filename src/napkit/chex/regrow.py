@@ -71,14 +71,19 @@ def projection_residuals(x: Tensor, kept: Tensor) -> Tensor:
     return (resid ** 2).sum(0).clamp_min(0.0)
 
 
-def regrowth_probabilities(
-    x: Tensor, kept: Tensor, *, method: str = "importance", temperature: float = 1.0
-) -> tuple[Tensor, Tensor]:
-    """The candidate columns outside ``kept`` and the probability of drawing each one first."""
+def check_regrowth(method: str, temperature: float) -> None:
+    """Reject an unknown regrowth method or a temperature that is not positive."""
     if method not in REGROWTH:
         raise NapkitError(f"unknown chex.regrowth {method!r}; valid choices: {', '.join(REGROWTH)}")
     if not temperature > 0.0:
         raise NapkitError(f"chex.regrowth_temperature must be > 0, got {temperature}")
+
+
+def regrowth_probabilities(
+    x: Tensor, kept: Tensor, *, method: str = "importance", temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """The candidate columns outside ``kept`` and the probability of drawing each one first."""
+    check_regrowth(method, temperature)
     outside = torch.ones(x.shape[1], dtype=torch.bool)
     outside[kept] = False
     candidates = torch.nonzero(outside).flatten()
