@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from napkit.errors import NapkitError
-from napkit.sweep.chain import read_sweep_info, run_chain, run_name
+from napkit.sweep.chain import method_name, read_sweep_info, run_chain, run_name
 
 log = logging.getLogger("napkit")
 
@@ -32,6 +32,8 @@ def main(cfg: DictConfig) -> dict | None:
     multirun = hc.mode == RunMode.MULTIRUN
     info = read_sweep_info(hc.sweep.dir) if multirun else {}
     choices = {k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
+    if cfg.get("pipeline", "nap") == "chex":  # compared as its own method, not as the unused prune default
+        choices["prune"] = method_name(cfg)
     name = run_name(choices, list(hc.overrides.task), info.get("jobs") or [])
     tags = {"napkit.overrides": " ".join(hc.overrides.task)[:5000],
             **{f"napkit.choice.{k.split('@', 1)[0]}": v for k, v in choices.items()}}

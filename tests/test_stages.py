@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 
 import pytest
@@ -13,6 +12,8 @@ from mlflow.tracking import MlflowClient
 from napkit.artifacts import load_model
 from napkit.data import make_loader
 from napkit.errors import NapkitError
+from napkit.evaluation.cost import input_shape
+from napkit.pruning.session import PruneData, channel_criterion, run_pruning, structured_parts
 from napkit.stages import curvature, evaluate, finetune, pretrain, prune
 from napkit.stages.common import checkpoint_path, load_splits, model_spec, stage_dir
 from napkit.structured.blocks import skipped_blocks
@@ -135,23 +136,24 @@ class _Shifted(torch.utils.data.Dataset):
 def test_structured_surgery_recalibrates_batchnorm_on_the_augmented_training_split(compose_cfg) -> None:
     """After channel surgery BatchNorm statistics come from the training split WITH its augmentation, the
     data the weights were fitted to: plain-image statistics alone cost a dense CIFAR-10 VGG 1.9 points."""
-    cfg = compose_cfg("model=vgg16_small", "prune=l1", "data.subset_train=128", "model.width=0.125")
+    cfg = compose_cfg("model=vgg16_small", "prune=l1", "data.subset_train=128", "model.width=0.125",
+                      "prune.max_iterations=1", "prune.finetune_epochs=0", "prune.stop_on_tolerance=false")
     splits = load_splits(cfg)
-    splits = dataclasses.replace(splits, train=_Shifted(splits.train_plain, 3.0))
     spec = model_spec(cfg, splits)
-    dense = spec.build().eval()
-    parts = prune._structured(cfg, dense, spec, splits, provider=None, device=torch.device("cpu"))
-    smaller, _ = parts["step"](dense, None, 1)
-    assert parts["measure"](smaller, None)["flops_reduction"] > 1.0
+    data = PruneData(_Shifted(splits.train_plain, 3.0), splits.train_plain, splits.val)
+    outcome = run_pruning(spec.build().eval(), data, cfg, factors=lambda m, it: {},
+                          input_shape=input_shape(spec.in_channels, spec.input_size), device=torch.device("cpu"))
+    smaller = outcome.model
+    assert outcome.result.best.measures["flops_reduction"] > 1.0
     got = smaller.features[1].running_mean.clone()
 
     def recalibrated(data) -> torch.Tensor:
         model = copy.deepcopy(smaller)
         loader = make_loader(data, batch_size=int(cfg.data.batch_size), shuffle=True, seed=int(cfg.seed) + 1)
-        recalibrate_bn(model, loader, int(cfg.prune.structured.bn_recalibration_batches))
+        recalibrate_bn(model, loader, int(cfg.prune.bn_recalibration_batches))
         return model.features[1].running_mean
 
-    torch.testing.assert_close(got, recalibrated(splits.train))
+    torch.testing.assert_close(got, recalibrated(data.train))
     assert not torch.allclose(got, recalibrated(splits.train_plain), atol=1e-2)
 
 
@@ -161,7 +163,7 @@ def test_structured_stage_ranks_per_millisecond_with_a_latency_batch(compose_cfg
     FLOP); every measurement carries the table's latency of the model."""
     cfg = compose_cfg("model=vgg16_small", "prune=nap_structured", "data.subset_train=128", "model.width=0.125",
                       "prune.structured.latency_batch=1")
-    assert prune._channel_criterion(cfg).name == "nap"
+    assert channel_criterion(cfg.prune, int(cfg.seed)).name == "nap"
     cfg = compose_cfg("model=vgg16_small", "prune=l1", "data.subset_train=128", "model.width=0.125",
                       "prune.structured.latency_batch=1", f"paths.artifacts={tmp_path}")
     splits = load_splits(cfg)
@@ -172,7 +174,8 @@ def test_structured_stage_ranks_per_millisecond_with_a_latency_batch(compose_cfg
     assert again.model_ms(dense) == table.model_ms(dense)
     other = prune.latency_table(cfg, dense, spec, "run-b")  # another run (new inputs): timed afresh
     assert other.model_ms(dense) != table.model_ms(dense)
-    parts = prune._structured(cfg, dense, spec, splits, provider=None, device=torch.device("cpu"), latency=table)
+    parts, _, _ = structured_parts(cfg, dense, input_shape(spec.in_channels, spec.input_size), None, table, None,
+                                   torch.device("cpu"))
     smaller, _ = parts["step"](dense, None, 1)
     before, after = parts["measure"](dense, None), parts["measure"](smaller, None)
     assert 0 < after["latency_table_ms"] < before["latency_table_ms"]
@@ -188,7 +191,8 @@ def test_structured_stage_removes_emptied_bottlenecks_and_rebuilds_them(compose_
     splits = load_splits(cfg)
     spec = model_spec(cfg, splits)
     dense = spec.build().eval()
-    parts = prune._structured(cfg, dense, spec, splits, provider=None, device=torch.device("cpu"))
+    parts, _, _ = structured_parts(cfg, dense, input_shape(spec.in_channels, spec.input_size), None, None, None,
+                                   torch.device("cpu"))
     smaller, _ = parts["step"](dense, None, 1)
     assert len(skipped_blocks(smaller)) == 16  # every inner group ranked out entirely
     density = parts["density"](smaller, None)

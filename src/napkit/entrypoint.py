@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -12,7 +11,7 @@ from omegaconf import DictConfig
 
 from napkit.distributed import init_from_env, shutdown
 from napkit.errors import NapkitError
-from napkit.stages import STAGES
+from napkit.stages import stage_runner
 
 log = logging.getLogger("napkit")
 
@@ -60,9 +59,7 @@ def run_stage(stage: str, cfg: DictConfig,
     """Run ``runner(cfg)`` (default ``napkit.stages.<stage>.run``) under torchrun's process group
     if any; a NapkitError exits with status 2 and one clear line."""
     if runner is None:
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
-        runner = importlib.import_module(f"napkit.stages.{stage}").run
+        runner = stage_runner(stage)
     try:
         main_rank = init_from_env(str(cfg.get("distributed", {}).get("backend", "auto"))).is_main
         metrics = runner(cfg)

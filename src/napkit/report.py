@@ -14,6 +14,7 @@ estimated from the metrics' timestamps, marked ~). Plots are embedded as base64 
 from __future__ import annotations
 
 import argparse
+import ast
 import base64
 import csv
 import html
@@ -36,6 +37,7 @@ from mlflow.entities import Run  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from napkit.figures import Figure, SeriesRun, compute  # noqa: E402
 from napkit.io import write_text  # noqa: E402
 from napkit.stages import STAGES  # noqa: E402
 
@@ -64,13 +66,20 @@ class RunRow:
     path: list[tuple[float, float]] = field(default_factory=list)
     path_x: str = "compression"
     density: dict[str, float] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    series: SeriesRun | None = None
     error: str = ""
 
     def m(self, key: str) -> float | None:
-        return self.metrics.get(key)
+        """A stage metric; the CHEX flow's ``chex_evaluate/...`` answers for ``evaluate/...``."""
+        value = self.metrics.get(key)
+        return self.metrics.get(f"chex_{key}") if value is None and key.startswith("evaluate/") else value
 
 
 def _target(params: dict[str, str]) -> str:
+    if params.get("pipeline") == "chex":
+        return f"FLOPs {params.get('chex.target_flops_reduction')}x" if params.get(
+            "chex.target_flops_reduction") not in (None, "None", "null") else f"S {params.get('chex.S')}"
     if params.get("prune.mode") == "structured":
         for key, label in (("prune.structured.target_flops_reduction", "FLOPs"),
                            ("prune.structured.target_params_reduction", "params")):
@@ -131,6 +140,36 @@ def _density(client: MlflowClient, run: Run, workdir: Path) -> dict[str, float]:
     return out
 
 
+def _series(client: MlflowClient, run: Run, row: RunRow, workdir: Path) -> SeriesRun:
+    """The run's grid series from its ``prune/iterations.csv`` (test top-1 per iteration, with
+    ``prune.eval_test``) and its final test top-1."""
+    grid = []
+    try:
+        local = client.download_artifacts(run.info.run_id, "prune/iterations.csv", str(workdir))
+        with open(local) as fh:
+            for rec in csv.DictReader(fh):
+                x = rec.get("compression") or rec.get("flops_reduction")
+                if x and rec.get("test_top1"):
+                    grid.append((float(x), float(rec.get("test_top1_pre_ft") or rec["test_top1"]),
+                                 float(rec["test_top1"])))
+    except Exception:  # noqa: BLE001 - a run without the table (CHEX, a failed run) has no grid series
+        grid = []
+    return SeriesRun(model=row.model, method=row.method, seed=int(row.params.get("seed", 0) or 0), grid=grid,
+                     final_top1=row.m("evaluate/top1"))
+
+
+def figure_of(rows: list[RunRow]) -> Figure | None:
+    """The figure the runs' experiment preset names (``experiment.figure``), if any."""
+    params = next((r.params for r in rows if r.params.get("experiment.figure")), None)
+    if params is None:
+        return None
+    compare = ast.literal_eval(params.get("experiment.compare", "[]"))
+    return compute(params["experiment.figure"], [r.series for r in rows if r.series is not None and
+                                                 r.status == "FINISHED"],
+                   compare=compare, band=float(params.get("experiment.band", 0.5)),
+                   name=params.get("experiment.figure_name", params["experiment.figure"]))
+
+
 def collect(client: MlflowClient, runs: list[Run], workdir: Path) -> list[RunRow]:
     rows = []
     for run in tqdm(runs, desc="report: runs", unit="run", file=sys.stderr):
@@ -142,7 +181,7 @@ def collect(client: MlflowClient, runs: list[Run], workdir: Path) -> list[RunRow
                      model=tags.get("napkit.choice.model") or params.get("model.name", "?"),
                      data=tags.get("napkit.choice.data") or params.get("data.name", "?"), method=method,
                      target=_target(params), metrics=dict(metrics),
-                     cached={s for s in STAGES if tags.get(f"napkit.stage.{s}") == "cached"},
+                     cached={s for s in STAGES if tags.get(f"napkit.stage.{s}") == "cached"}, params=dict(params),
                      error=tags.get("napkit.error", ""))
         row.seconds, row.estimated = _stage_seconds(client, run)
         y = _history(client, run.info.run_id, "prune/val_top1")
@@ -155,6 +194,7 @@ def collect(client: MlflowClient, runs: list[Run], workdir: Path) -> list[RunRow
                 break
         if "evaluate/top1" in metrics or "prune/kept_iteration" in metrics:
             row.density = _density(client, run, workdir / run.info.run_id)
+        row.series = _series(client, run, row, workdir / run.info.run_id / "series")
         rows.append(row)
     return rows
 
@@ -264,9 +304,18 @@ font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}th{b
 td:nth-child(-n+4){text-align:left}img{max-width:100%}.fail{color:#b00}"""
 
 
-def render_html(title: str, subtitle: str, sections: list[tuple[str, list[bytes]]], rows: list[list[str]]) -> str:
+def _cells(tag: str, values: list[str]) -> str:
+    return "<tr>" + "".join(f"<{tag}>{html.escape(v)}</{tag}>" for v in values) + "</tr>"
+
+
+def render_html(title: str, subtitle: str, sections: list[tuple[str, list[bytes]]], rows: list[list[str]],
+                figure: Figure | None = None) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p>"]
+    if figure is not None:
+        parts.append(f"<h2>Figure: <code>{html.escape(figure.line)}</code></h2><table>"
+                     + _cells("th", figure.headers) + "".join(_cells("td", r) for r in figure.rows) + "</table>")
+        parts += [f"<p>{html.escape(n)}</p>" for n in figure.notes]
     for heading, images in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         for png in images:
@@ -282,11 +331,15 @@ def render_html(title: str, subtitle: str, sections: list[tuple[str, list[bytes]
 
 
 def render_markdown(title: str, subtitle: str, sections: list[tuple[str, list[bytes]]],
-                    rows: list[list[str]], out: Path) -> str:
+                    rows: list[list[str]], out: Path, figure: Figure | None = None) -> str:
     """Markdown with the PNGs written beside it (``<name>_files/``)."""
     folder = out.parent / f"{out.stem}_files"
     folder.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", subtitle, ""]
+    if figure is not None:
+        lines += [f"## Figure: `{figure.line}`", "", "| " + " | ".join(figure.headers) + " |",
+                  "|" + "---|" * len(figure.headers)]
+        lines += ["| " + " | ".join(r) + " |" for r in figure.rows] + [""] + figure.notes + [""]
     for i, (heading, images) in enumerate(sections):
         lines += [f"## {heading}", ""]
         for j, png in enumerate(images):
@@ -317,6 +370,16 @@ def find_runs(client: MlflowClient, experiment: str, sweep: str | None, filter_s
             and (any(k.startswith("napkit.stage.") for k in r.data.tags) or r.info.status == "FAILED")]
 
 
+def latest_sweep(client: MlflowClient, experiment: str) -> str:
+    """The parent run id of the newest sweep in ``experiment``."""
+    exp = client.get_experiment_by_name(experiment)
+    runs = [] if exp is None else client.search_runs([exp.experiment_id], "tags.`napkit.role` = 'sweep'",
+                                                     order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise SystemExit(f"napkit report: error: no sweep in MLflow experiment {experiment!r}")
+    return runs[0].info.run_id
+
+
 def build(client: MlflowClient, experiment: str, out: Path, sweep: str | None = None,
           filter_string: str | None = None) -> Path:
     runs = find_runs(client, experiment, sweep, filter_string)
@@ -339,9 +402,12 @@ def build(client: MlflowClient, experiment: str, out: Path, sweep: str | None = 
     subtitle = (f"{len(rows)} runs ({finished} finished, {len(rows) - finished} not) from {client.tracking_uri}"
                 + (f"; filter: {filter_string}" if filter_string else ""))
     table = table_rows(rows)
-    text = (render_markdown(title, subtitle, sections, table, out) if out.suffix.lower() == ".md"
-            else render_html(title, subtitle, sections, table))
+    figure = figure_of(rows)
+    text = (render_markdown(title, subtitle, sections, table, out, figure) if out.suffix.lower() == ".md"
+            else render_html(title, subtitle, sections, table, figure))
     write_text(out, text)
+    if figure is not None:
+        print(figure.line)
     return out
 
 
@@ -349,6 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m napkit.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default="napkit")
     parser.add_argument("--sweep", help="parent run id of a sweep: its child runs only")
+    parser.add_argument("--latest", action="store_true", help="the newest sweep (its parent run) in the experiment")
     parser.add_argument("--filter", dest="filter_string", help="MLflow search filter, e.g. \"params.`data.name` = 'digits'\"")
     parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db")
     parser.add_argument("--out", type=Path, default=Path("reports/report.html"), help=".html (self-contained) or .md")
@@ -361,7 +428,9 @@ def main(argv: list[str] | None = None) -> None:
     from napkit.tracking.mlflow_run import tracking_uri
 
     uri = tracking_uri(OmegaConf.create({"tracking": {"uri": args.tracking_uri}}))
-    out = build(MlflowClient(uri), args.experiment, args.out, args.sweep, args.filter_string)
+    client = MlflowClient(uri)
+    sweep = latest_sweep(client, args.experiment) if args.latest else args.sweep
+    out = build(client, args.experiment, args.out, sweep, args.filter_string)
     print(f"napkit report: wrote {out}")
 
 

@@ -88,6 +88,8 @@ class IterativePruner:
     reached: Reached
     tolerance: float
     max_iterations: int
+    # False: the stop rule is off (a fixed grid is evaluated to its end); the last iteration is kept
+    stop_on_tolerance: bool = True
     density: Callable[[nn.Module, MaskSet | None], dict[str, float]] = lambda m, k: {} if k is None else k.layer_density()
     describe: Callable[[nn.Module], dict[str, int]] | None = None
     rebuild: Callable[[dict[str, int]], nn.Module] | None = None
@@ -117,7 +119,7 @@ class IterativePruner:
     def _iterate(self, state: _State, records: list[IterationRecord], best: _Best, checkpoint: Path | None,
                  fingerprint: str) -> str:
         acc0 = records[0].val_top1
-        if not records[-1].within_tolerance:
+        if self.stop_on_tolerance and not records[-1].within_tolerance:
             return "tolerance"
         if self.reached(state.model, state.masks):
             return "target"
@@ -136,11 +138,11 @@ class IterativePruner:
             records.append(rec)
             if self.on_record:
                 self.on_record(rec)
-            if rec.within_tolerance:
+            if rec.within_tolerance or not self.stop_on_tolerance:
                 best.state, best.iteration = state.copy(), it
             if checkpoint is not None:
                 self._save(checkpoint, fingerprint, state, best, records)
-            if not rec.within_tolerance:
+            if self.stop_on_tolerance and not rec.within_tolerance:
                 return "tolerance"
             if self.reached(state.model, state.masks):
                 return "target"

@@ -30,7 +30,15 @@ from napkit.errors import NapkitError
 from napkit.evaluation.cost import compare_to_dense, cost_summary, input_shape
 from napkit.evaluation.plots import plot_layer_ratios
 from napkit.io import load_tensors, save_tensors
-from napkit.stages.common import load_splits, model_spec, seed_everything, write_csv, write_metrics
+from napkit.stages.common import (
+    checkpoint_path,
+    load_splits,
+    model_spec,
+    seed_everything,
+    stage_dir,
+    write_csv,
+    write_metrics,
+)
 from napkit.tracking import stage_run
 from napkit.training.engine import evaluate as evaluate_model
 from napkit.training.engine import resolve_device
@@ -40,13 +48,13 @@ CHANNEL_MASKS = "channel_masks.safetensors"
 
 
 def chex_dir(cfg: DictConfig, stage: str) -> Path:
-    """``<artifacts>/chex/<train|compact|evaluate>`` (what chex/dvc.yaml declares)."""
-    return Path(cfg.paths.artifacts) / "chex" / stage.removeprefix("chex_")
+    """``<artifacts>/chex/<train|compact|evaluate>`` (what dvc.yaml declares; content addressed in sweeps)."""
+    return stage_dir(cfg, stage)
 
 
 def chex_checkpoint(cfg: DictConfig) -> Path:
     """Resume checkpoint beside, not inside, the DVC outputs."""
-    return Path(cfg.paths.artifacts) / "checkpoints" / "chex_train.pt"
+    return checkpoint_path(cfg, "chex_train")
 
 
 def resolve_sparsity(cfg: DictConfig, spec: ModelSpec) -> float:

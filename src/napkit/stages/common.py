@@ -16,29 +16,30 @@ from napkit.artifacts import ModelSpec
 from napkit.data import DataSplits, create_splits
 from napkit.hashing import fingerprint
 from napkit.io import write_json, write_with
-from napkit.stages import STAGE_PARAMS, STAGES
+from napkit.stages import CHEX_STAGES, STAGE_PARAMS, flow_of
 
 _LOADER_KEYS = ("batch_size", "eval_batch_size")
 
 
 def stage_key(cfg: DictConfig, stage: str) -> str:
     """Hash of every config key that determines ``stage``'s outputs (its own and its upstream stages')."""
-    keys = [k for s in STAGES[: STAGES.index(stage) + 1] for k in STAGE_PARAMS[s]]
+    flow = flow_of(stage)
+    keys = [k for s in flow[: flow.index(stage) + 1] for k in STAGE_PARAMS[s]]
     return fingerprint({k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig)
                         else cfg[k] for k in keys})
 
 
 def stage_dir(cfg: DictConfig, stage: str) -> Path:
-    """The stage's output folder: ``<artifacts>/<stage>`` (DVC's outs), or, with
-    ``paths.content_addressed``, ``<artifacts>/<stage>/<stage_key>`` so runs that share a config
-    prefix (a sweep over pruning methods) share the pretrain and curvature outputs."""
-    base = Path(cfg.paths.artifacts) / stage
+    """The stage's output folder: ``<artifacts>/<stage>`` (``<artifacts>/chex/<step>`` for CHEX; DVC's
+    outs), or, with ``paths.content_addressed``, that folder plus ``/<stage_key>`` so runs that share a
+    config prefix (a sweep over pruning methods) share the pretrain and curvature outputs."""
+    base = Path(cfg.paths.artifacts) / (f"chex/{stage.removeprefix('chex_')}" if stage in CHEX_STAGES else stage)
     return base / stage_key(cfg, stage) if cfg.paths.get("content_addressed", False) else base
 
 
 def checkpoint_path(cfg: DictConfig, stage: str) -> Path:
     """Resume checkpoints live beside, not inside, the DVC outputs (DVC clears outputs on rerun)."""
-    name = stage.split("_", 1)[0]  # prune_iter3 / prune_loop belong to the prune stage
+    name = stage if stage in CHEX_STAGES else stage.split("_", 1)[0]  # prune_iter3 / prune_loop: prune
     suffix = f"-{stage_key(cfg, name)}" if cfg.paths.get("content_addressed", False) else ""
     return Path(cfg.paths.artifacts) / "checkpoints" / f"{stage}{suffix}.pt"
 
@@ -68,10 +69,14 @@ def model_spec(cfg: DictConfig, splits: DataSplits) -> ModelSpec:
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Atomically write rows (dicts with the same keys) as CSV, e.g. for ``dvc plots``."""
+    """Atomically write rows as CSV, e.g. for ``dvc plots``: the columns are every key in first-seen
+    order (a row without one leaves it empty, e.g. the dense row of a pruning path has no pre-fine-tune
+    top-1)."""
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+
     def writer(tmp: Path) -> None:
         with tmp.open("w", newline="") as fh:
-            out = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else [])
+            out = csv.DictWriter(fh, fieldnames=fields)
             out.writeheader()
             out.writerows(rows)
 

@@ -12,7 +12,8 @@ from napkit.hashing import file_digest
 from napkit.stages.common import (checkpoint_path, load_splits, seed_everything, stage_dir, stage_key, write_csv,
                                   write_metrics)
 from napkit.tracking import stage_run
-from napkit.training.engine import resolve_device
+from napkit.data import make_loader
+from napkit.training.engine import evaluate, resolve_device
 from napkit.training.trainer import fit
 
 
@@ -26,16 +27,23 @@ def run(cfg: DictConfig) -> dict[str, float]:
     src = stage_dir(cfg, "prune")
     run_key = f"{stage_key(cfg, 'finetune')}-{file_digest(src / MODEL_JSON, src / MODEL_WEIGHTS, src / MASKS)}"
     t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    # one-shot (post-training) pruning fine-tunes nothing: the stage passes the pruned model through
+    epochs = 0 if cfg.prune.get("one_shot", False) else cfg.finetune.epochs
     with stage_run(cfg, "finetune") as tracker:
-        history = fit(model, splits.train, splits.val, cfg=cfg.finetune, masks=masks,
+        history = fit(model, splits.train, splits.val, cfg=cfg.finetune, masks=masks, epochs=epochs,
                       batch_size=int(cfg.data.batch_size), eval_batch_size=int(cfg.data.eval_batch_size),
-                      seed=int(cfg.seed), device=resolve_device(cfg.device),
+                      seed=int(cfg.seed), device=device,
                       checkpoint=checkpoint_path(cfg, "finetune"), run_key=run_key,
                       on_epoch=lambda epoch, row: tracker.log_metrics(row, step=epoch), desc="finetune")
+        if history:
+            last = {k.removeprefix("val_"): v for k, v in history[-1].items()}
+        else:  # nothing trained: measure the model as it is
+            val_loader = make_loader(splits.val, batch_size=int(cfg.data.eval_batch_size), shuffle=False, seed=0)
+            last = evaluate(model, val_loader, device=device, desc="finetune val")
         model.cpu()
-        last = history[-1] if history else {}
-        metrics = {"val_top1": last.get("val_top1", 0.0), "val_top5": last.get("val_top5", 0.0),
-                   "epochs": len(history), "seconds": time.perf_counter() - t0}
+        metrics = {"val_top1": last["top1"], "val_top5": last["top5"], "epochs": len(history),
+                   "seconds": time.perf_counter() - t0}
         if world().is_main:
             save_model(out, model, spec, masks)
             write_csv(out / "history.csv", history)

@@ -142,7 +142,7 @@ class SweepCallback(Callback):
             for text in job:
                 if "=" in text:
                     key, value = text.split("=", 1)
-                    swept.setdefault(key, []).append(value)
+                    swept.setdefault(key.lstrip("+~"), []).append(value)  # MLflow keys: no + or ~
         for key, values in swept.items():
             client.log_param(run.info.run_id, f"sweep.{key}"[:250], ",".join(dict.fromkeys(values))[:6000])
         sweep_dir.mkdir(parents=True, exist_ok=True)

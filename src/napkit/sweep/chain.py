@@ -16,7 +16,6 @@ failing stage, marks its run FAILED with the error as a tag and returns, so the 
 from __future__ import annotations
 
 import csv
-import importlib
 import logging
 import os
 import socket
@@ -32,7 +31,8 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from napkit.io import read_json, write_json
-from napkit.stages import STAGES
+from napkit.errors import unknown_choice
+from napkit.stages import FLOWS, stage_runner
 from napkit.stages.common import stage_dir
 from napkit.tracking.mlflow_run import PIPELINE_TAG, StageTracker, flatten, pipeline_id, repo_root, tracking_uri
 
@@ -91,8 +91,21 @@ def ensure_experiment(client: Any, name: str) -> str:
         return exp.experiment_id
 
 
+def flow(cfg: DictConfig) -> tuple[str, ...]:
+    """The stages ``cfg.pipeline`` runs: ``nap`` (pretrain .. evaluate) or ``chex`` (train from scratch)."""
+    name = str(cfg.get("pipeline", "nap"))
+    if name not in FLOWS:
+        raise unknown_choice("pipeline", name, FLOWS)
+    return FLOWS[name]
+
+
+def method_name(cfg: DictConfig) -> str:
+    """What a run is compared by: ``chex`` for the CHEX flow, else the pruning method."""
+    return "chex" if str(cfg.get("pipeline", "nap")) == "chex" else str(cfg.prune.method)
+
+
 def default_run_name(cfg: DictConfig) -> str:
-    return f"{cfg.model.name}-{cfg.data.name}-{cfg.prune.method}-{pipeline_id(cfg)[:6]}"
+    return f"{cfg.model.name}-{cfg.data.name}-{method_name(cfg)}-{pipeline_id(cfg)[:6]}"
 
 
 def run_name(choices: dict[str, str], overrides: Sequence[str], jobs: Sequence[Sequence[str]]) -> str:
@@ -160,15 +173,17 @@ def _log_cache_hit(tracker: StageTracker, stage: str, out: Path, metrics: dict[s
     tracker.set_tags({f"napkit.stage.{stage}": "cached", f"napkit.cache.{stage}": str(out)})
 
 
-def run_chain(cfg: DictConfig, *, stages: Sequence[str] = STAGES, parent_run_id: str | None = None,
+def run_chain(cfg: DictConfig, *, stages: Sequence[str] | None = None, parent_run_id: str | None = None,
               run_name: str | None = None, tags: dict[str, str] | None = None,
               catch: bool = False) -> ChainResult:
-    """Run ``stages`` in order for ``cfg`` with content-addressed caching, in one MLflow run.
+    """Run ``stages`` (default: ``cfg.pipeline``'s flow) in order for ``cfg`` with content-addressed
+    caching, in one MLflow run.
 
     ``parent_run_id`` makes the run a child of a sweep's parent run. ``catch=True`` (multirun)
     turns a failing stage into a FAILED run and a returned result instead of an exception.
     """
     cfg = prepare(cfg)
+    stages = flow(cfg) if stages is None else stages
     result = ChainResult()
     client = None
     if cfg.tracking.get("enabled", True):
@@ -204,8 +219,7 @@ def run_chain(cfg: DictConfig, *, stages: Sequence[str] = STAGES, parent_run_id:
                         result.cached.append(stage)
                     else:
                         log.info("%s: computing into %s", stage, out)
-                        module = importlib.import_module(f"napkit.stages.{stage}")
-                        metrics = dict(module.run(cfg))
+                        metrics = dict(stage_runner(stage)(cfg))
                         seconds = time.perf_counter() - t0
                         write_json(out / CHAIN_FILE, {"seconds": seconds, "run_id": result.run_id,
                                                       "host": socket.gethostname(), "finished": time.time(),
