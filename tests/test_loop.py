@@ -19,7 +19,7 @@ def _setup():
 
 
 def _run(accs: list[float], *, target: float | None, tolerance: float = 1.0, max_iterations: int = 10,
-         checkpoint=None, fail_at: int | None = None):
+         checkpoint=None, fail_at: int | None = None, stop_on_tolerance: bool = True):
     model, masks = _setup()
     states: dict[int, dict[str, torch.Tensor]] = {}
     current = {"it": 0}
@@ -46,7 +46,8 @@ def _run(accs: list[float], *, target: float | None, tolerance: float = 1.0, max
 
     reached = (lambda m, mk: mk.sparsity() >= target) if target is not None else (lambda m, mk: False)
     loop = IterativePruner(step=step, finetune=finetune, validate=validate, measure=FineGrainedPruner.measure,
-                           reached=reached, tolerance=tolerance, max_iterations=max_iterations)
+                           reached=reached, tolerance=tolerance, max_iterations=max_iterations,
+                           stop_on_tolerance=stop_on_tolerance)
     model, final_masks, result = loop.run(model, masks, checkpoint=checkpoint, fingerprint="x")
     return model, final_masks, result, states
 
@@ -67,6 +68,17 @@ def test_stops_at_target_without_rollback() -> None:
     assert result.stop_reason == "target"
     assert result.best_iteration == len(result.records) - 1
     assert masks.sparsity() >= 0.7
+
+
+def test_stop_rule_off_goes_down_the_whole_schedule_and_keeps_the_last_step() -> None:
+    """``stop_on_tolerance=False`` (a fixed grid): a drop past the tolerance neither stops nor rolls back."""
+    model, _, result, states = _run([90.0, 89.9, 80.0, 70.0, 60.0], target=None, max_iterations=4,
+                                    stop_on_tolerance=False)
+    assert result.stop_reason == "max_iterations"
+    assert [r.within_tolerance for r in result.records] == [True, True, False, False, False]
+    assert result.best_iteration == 4
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, states[4][k])
 
 
 def test_max_iterations() -> None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from napkit.artifacts import MASKS, MODEL_WEIGHTS, ModelSpec, load_model, save_model
 from napkit.curvature import KFACFactors, load_factors
+from napkit.curvature.sampling import estimate
 from napkit.data import DataSplits
 from napkit.distributed import world
 from napkit.evaluation.cost import input_shape
@@ -33,7 +34,6 @@ from napkit.stages.common import (
     write_csv,
     write_metrics,
 )
-from napkit.stages.curvature import estimate
 from napkit.structured.latency import LatencyTable
 from napkit.structured.surgery import slim_to
 from napkit.tracking import StageTracker, stage_run
