@@ -31,8 +31,9 @@ from torch.nn import functional as F
 from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (dense_model, load_splits, log, make_loader, print_table,  # noqa: E402
-                    pyplot, save_figure)
+from common import dense_model, load_splits, log, print_table, pyplot, save_figure  # noqa: E402
+
+from napkit.data import make_loader  # noqa: E402
 
 from napkit.curvature import estimate_kfac  # noqa: E402
 from napkit.layers import prunable_layers  # noqa: E402
