@@ -165,24 +165,29 @@ class TinyCNN(nn.Module):
         return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
 
 
-@pytest.fixture(scope="module")
-def trained() -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict[str, KFACFactors]]:
-    """TinyCNN trained on sklearn's digits (float64), with K-FAC factors of that data."""
+def trained_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict[str, KFACFactors]]:
+    """TinyCNN trained on sklearn's digits (float32, then float64), with K-FAC factors of that data."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float64).unsqueeze(1) / 16.0
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(digits.target)
     torch.manual_seed(0)
-    model = TinyCNN().double()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(300):
+    model = TinyCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    model.eval()
+    model = model.double().eval()
+    x = x.double()
     factors = estimate_kfac(model, [(x, y)], num_samples=len(x), dtype=torch.float64, progress=False)
     return model, x, y, factors
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict[str, KFACFactors]]:
+    return trained_cnn()
 
 
 def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
