@@ -17,11 +17,12 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_obs_exact import loss, pruned_loss, trained_cnn  # noqa: E402
+from test_obs_exact import loss, pruned_loss, trained_cnn
 
-from napkit.layers import prunable_layers  # noqa: E402
-from napkit.pruning.compensation import obs_compensate_  # noqa: E402
-from napkit.pruning.importance import create_importance  # noqa: E402
+from napkit.curvature import estimate_kfac
+from napkit.layers import prunable_layers
+from napkit.pruning.compensation import obs_compensate_
+from napkit.pruning.importance import create_importance
 
 
 def single_weight_fit(net: tuple, damping: float, per_layer: int = 40) -> tuple[float, float]:
@@ -47,6 +48,12 @@ def single_weight_fit(net: tuple, damping: float, per_layer: int = 40) -> tuple[
 
 def main() -> None:
     net = trained_cnn()
+    if len(sys.argv) > 1:  # factors from the first N examples only, the loss still on all of them
+        model, x, y, _ = net
+        n = int(sys.argv[1])
+        net = (model, x, y, estimate_kfac(model, [(x[:n], y[:n])], num_samples=n, dtype=torch.float64,
+                                          progress=False))
+        print(f"factors from {n} examples")
     print(f"dense loss {loss(net[0], net[1], net[2]):.4f}")
     print("damping | single-weight spearman, loglog-pearson | step: measured none/rowwise/exact, predicted exact")
     for damping in (1e-4, 1e-3, 1e-2, 0.1, 1.0):

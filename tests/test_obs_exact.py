@@ -13,6 +13,7 @@ from torch import nn
 from napkit.curvature import KFACFactors, estimate_kfac
 from napkit.curvature.factors import weight_with_bias
 from napkit.errors import NapkitError
+from napkit.models import create_model
 from napkit.pruning.compensation import (
     column_removal_update,
     obs_compensate_,
@@ -22,6 +23,8 @@ from napkit.pruning.compensation import (
 from napkit.pruning.fine_grained import FineGrainedPruner
 from napkit.pruning.importance import create_importance
 from napkit.pruning.masks import MaskSet
+from napkit.structured import ScoreInputs, StructuredPruner, apply, channel_groups, create_channel_importance
+from napkit.structured.pruner import compensate_consumers_
 
 # --- brute force on a dense kron(G, A) ---------------------------------------------------------
 
@@ -116,7 +119,7 @@ def test_rowwise_update_is_the_minimiser_with_diagonal_g(bias: bool, blocks: boo
 
 def test_exact_falls_back_to_rowwise_above_max_exact_and_none_zeroes() -> None:
     layer, f = _case(True, False, seed=1)
-    kept, newly = _masks(0.0, 0.3, seed=1)
+    _, newly = _masks(0.0, 0.3, seed=1)
     w0 = weight_with_bias(layer).clone()
     removed = torch.zeros_like(w0, dtype=torch.bool)
     removed[:, :12] = newly.reshape(5, 12)
@@ -213,3 +216,86 @@ def test_joint_compensation_beats_zeroing_on_a_trained_net(trained: tuple, fract
     rowwise, _ = pruned_loss(trained, fraction, "rowwise")
     assert exact < zero and rowwise < zero
     assert exact_pred < zero_pred
+
+
+def test_pruner_records_predicted_increase_and_keeps_pruned_weights_zero(trained: tuple) -> None:
+    """Two exact steps: the second treats the first's pruned weights as fixed zeros (surviving set only)."""
+    model, x, y, factors = trained
+    model = copy.deepcopy(model)
+    pruner = FineGrainedPruner(create_importance("nap"), step_fraction=0.3, target=None, compensation="exact",
+                               factors=lambda m, i: estimate_kfac(m, [(x, y)], num_samples=len(x),
+                                                                  dtype=torch.float64, progress=False))
+    masks = MaskSet.dense(model)
+    for it in (1, 2):
+        model, masks = pruner(model, masks, it)
+        assert set(pruner.last_methods.values()) == {"exact"}
+        assert pruner.last_predicted_increase == pytest.approx(sum(pruner.last_predicted.values()))
+        assert pruner.last_predicted_increase > 0
+        for name, mask in masks.masks.items():
+            assert bool((model.get_submodule(name).weight[~mask] == 0).all())
+    with pytest.raises(NapkitError, match="prune.compensation 'sum'; valid choices: exact, none, rowwise"):
+        FineGrainedPruner(create_importance("nap"), step_fraction=0.3, target=None, compensation="sum",
+                          factors=lambda m, i: factors)
+
+
+# --- structured: consumer-side compensation and a score consistent with it ----------------------
+
+
+def _channel_increases(trained: tuple, compensate: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Measured loss increase of removing each channel alone (physically), consumers refitted or not,
+    and the scores: new (consumer side, as applied), old (producer rows + compensated columns)."""
+    model, x, y, factors = trained
+    groups = channel_groups(model)
+    base = loss(model, x, y)
+    measured = []
+    for g in groups:
+        for c in range(g.size):
+            plan = {g.id: torch.tensor([i for i in range(g.size) if i != c])}
+            work = copy.deepcopy(model)
+            compensate_consumers_(work, groups, plan, factors, 0.1, apply_update=compensate)
+            measured.append(loss(apply(work, plan, groups=groups), x, y) - base)
+    new = create_channel_importance("nap")(model, groups, ScoreInputs(factors, compensated=compensate))
+    old = create_channel_importance("nap", producer_rows=True)(model, groups, ScoreInputs(factors))
+    flat = {name: torch.cat([s[g.id] for g in groups]) for name, s in (("new", new), ("old", old))}
+    return torch.tensor(measured), flat
+
+
+@pytest.mark.parametrize("compensate", [True, False], ids=["compensated", "zeroed"])
+def test_consumer_side_score_ranks_channels_better_than_the_double_count(trained: tuple, compensate: bool) -> None:
+    measured, scores = _channel_increases(trained, compensate)
+    rho = {name: spearmanr(s, measured).statistic for name, s in scores.items()}
+    assert rho["new"] > rho["old"], rho
+    if compensate:  # refitting the consumer never costs more than zeroing its columns (measured, per channel)
+        zeroed, _ = _channel_increases(trained, False)
+        assert float((measured <= zeroed + 1e-9).float().mean()) >= 0.9
+
+
+@pytest.mark.parametrize("name", ["alexnet_small", "resnet50_small"])
+def test_compensated_step_equals_masked_compensation(name: str) -> None:
+    """The pruner's physically cut model computes what the compensated, column-masked full model computes."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, in_channels=3, input_size=32, width=0.125).eval()
+    for m in model.modules():  # no zero-initialised residual BatchNorm: every layer must reach the loss
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.num_features) + 0.5
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    factors = estimate_kfac(model, [(x, y)], num_samples=16, dtype=torch.float64, progress=False)
+    pruner = StructuredPruner("nap", model, input_shape=(1, 3, 32, 32), step_fraction=0.3,
+                              factors_provider=lambda m, i: factors)
+    assert pruner.compensate
+    pruned = pruner(model, 1)
+    groups = channel_groups(model)
+    masked = copy.deepcopy(model)
+    predicted = compensate_consumers_(masked, groups, pruner.last_plan, factors, pruner.damping)
+    assert predicted == pytest.approx(pruner.last_predicted_increase, rel=1e-9) and predicted > 0
+    for gid, keep in pruner.last_plan.items():
+        g = next(g for g in groups if g.id == gid)
+        gone = torch.ones(g.size, dtype=torch.bool)
+        gone[keep] = False
+        for c in g.consumers:
+            w = masked.get_submodule(c.name).weight
+            cols = w.reshape(w.shape[0], g.size, -1)[:, gone]
+            assert bool((cols == 0).all())
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model(x), masked(x))  # the consumers did change
