@@ -129,7 +129,7 @@ def rowwise_update(w: Tensor, removed: Tensor, a: Tensor) -> Tensor:
     start = 0
     while start < len(counts):
         end = start + 1  # grow the chunk while its padded systems fit the budget
-        while end < len(counts) and (end + 1 - start) * min(counts[end], n_cols - counts[start]) * n_cols \
+        while end < len(counts) and (end + 1 - start) * min(counts[end], n_cols - counts[start]) ** 2 \
                 <= _CHUNK_ELEMENTS:
             end += 1
         rows, kc, ku = order[start:end], counts[end - 1], n_cols - counts[start]
@@ -142,7 +142,8 @@ def rowwise_update(w: Tensor, removed: Tensor, a: Tensor) -> Tensor:
             idx, valid = _padded_indices(rr, kc)
             t = dr.gather(1, idx) * valid
             lam = _spd_solve(_padded_system(a_inv, idx, valid), t[:, :, None])[:, :, 0]
-            d[rows] = torch.where(rr, dr, torch.einsum("rk,rkj->rj", lam, a_inv[idx]))
+            lam_rows = torch.zeros_like(dr).scatter_add_(1, idx, lam * valid)  # lambda_i on C_i, 0 elsewhere
+            d[rows] = torch.where(rr, dr, lam_rows @ a_inv)
         elif ku > 0:  # free space: d_i[U_i] = -(A_UU)^-1 (A d_i^C)[U_i]
             idx, valid = _padded_indices(~rr, ku)
             rhs = -(dr @ a).gather(1, idx) * valid
