@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from napkit.curvature import KFACFactors, weight_with_bias
 from napkit.errors import NapkitError
+from napkit.pruning.importance import live_inputs
 from napkit.registry import Registry
 from napkit.structured.groups import ChannelGroup, Consumer, saved_flops
 
@@ -141,7 +142,8 @@ class NapChannels(ChannelImportance):
     with ``P_B = ([A^-1]_BB)^-1`` when the consumers are compensated (the joint OBS cost of the block)
     and ``P_B = A_BB`` when they are not (the cost of zeroing it). ``producer_rows`` adds the producer
     rows' own OBS term ``w_i^T A w_i / (2 [G^-1]_ii)`` (``w_i`` row i of ``W_h``), the earlier score, for
-    ablation only: it double-counts. ``per_flop`` divides by the FLOPs the removal saves (FLOPs targets).
+    ablation only: it double-counts. A channel that was zero on every sample (dead ReLU) scores 0 at
+    its consumers. ``per_flop`` divides by the FLOPs the removal saves (FLOPs targets).
     """
 
     needs_curvature = True
@@ -163,7 +165,8 @@ class NapChannels(ChannelImportance):
         damped = {name: self._factors(model, name, factors) for name in members}
         scores: Scores = {}
         for g in groups:
-            terms = [column_terms(model, c, damped[c.name], inputs.compensated) for c in g.consumers]
+            terms = [column_terms(model, c, damped[c.name], inputs.compensated)
+                     * _live_channels(factors[c.name], c.block) for c in g.consumers]
             if self.producer_rows:
                 terms += [row_terms(model, p, damped[p]) for p in g.producers]
             score = torch.stack(terms).sum(0) if terms else torch.zeros(g.size, dtype=torch.float64)
@@ -197,6 +200,13 @@ class NapPerFlop(NapChannels):
 
     def __init__(self, damping: float = 0.1, producer_rows: bool = False) -> None:
         super().__init__(damping=damping, per_flop=True, producer_rows=producer_rows)
+
+
+def _live_channels(f: KFACFactors, block: int) -> Tensor:
+    """1.0 for each input channel of a consumer that was nonzero on some sample (undamped ``A``), else 0.0:
+    a dead channel (e.g. behind a dead ReLU) costs nothing to remove, whatever the damping says."""
+    live = live_inputs(f)[: f.d_in].reshape(-1, block)
+    return live.amax(1).to(f.G.device)
 
 
 def row_terms(model: nn.Module, name: str, f: KFACFactors) -> Tensor:
