@@ -232,17 +232,27 @@ def obs_group(model: nn.Module, factors: dict, layer: str, coords: torch.Tensor)
     return 0.5 * ws @ torch.linalg.solve(f_inv[coords][:, coords], ws)
 
 
-def brute_force_scores(model: Tiny, factors: dict) -> dict[str, torch.Tensor]:
-    """Producer rows (bias included) plus consumer column blocks, summed over the layers."""
+def zeroing_cost(model: nn.Module, factors: dict, layer: str, coords: torch.Tensor) -> torch.Tensor:
+    """Brute-force ``0.5 w_S^T F_SS w_S``: the quadratic model's cost of zeroing S with no update."""
+    f = factors[layer].damped(0.1)
+    m = model.get_submodule(layer)
+    w = torch.cat([m.weight.detach().reshape(m.weight.shape[0], -1), m.bias.detach()[:, None]], 1).reshape(-1)
+    ws = w[coords]
+    return 0.5 * ws @ f.kron_dense()[coords][:, coords] @ ws
+
+
+def brute_force_scores(model: Tiny, factors: dict, cost=obs_group, rows: bool = False) -> dict[str, torch.Tensor]:
+    """Consumer column blocks (``cost``: compensated OBS or zeroing), plus the producer rows (bias included)
+    when ``rows``, summed over the layers."""
     d1, d2, d3 = 2 * 9 + 1, 4 * 9 + 1, 12 + 1  # columns of W_h per layer
 
     def columns(d: int, start: int, block: int, outputs: int) -> torch.Tensor:
         return torch.cat([o * d + start + torch.arange(block) for o in range(outputs)])
 
-    conv1 = [obs_group(model, factors, "conv1", torch.arange(i * d1, (i + 1) * d1))
-             + obs_group(model, factors, "conv2", columns(d2, i * 9, 9, 3)) for i in range(4)]
-    conv2 = [obs_group(model, factors, "conv2", torch.arange(i * d2, (i + 1) * d2))
-             + obs_group(model, factors, "fc", columns(d3, i * 4, 4, 5)) for i in range(3)]
+    conv1 = [cost(model, factors, "conv2", columns(d2, i * 9, 9, 3))
+             + rows * obs_group(model, factors, "conv1", torch.arange(i * d1, (i + 1) * d1)) for i in range(4)]
+    conv2 = [cost(model, factors, "fc", columns(d3, i * 4, 4, 5))
+             + rows * obs_group(model, factors, "conv2", torch.arange(i * d2, (i + 1) * d2)) for i in range(3)]
     return {"conv1": torch.stack(conv1), "conv2": torch.stack(conv2)}
 
 
@@ -255,9 +265,13 @@ def test_nap_equals_brute_force_obs(max_dense_dim: int) -> None:
                             max_dense_dim=max_dense_dim, progress=False)
     groups = channel_groups(model)
     scores = create_channel_importance("nap", damping=0.1)(model, groups, ScoreInputs(factors))
-    expected = brute_force_scores(model, factors)
-    for gid in ("conv1", "conv2"):
-        torch.testing.assert_close(scores[gid], expected[gid], rtol=1e-8, atol=0)
+    zeroing = create_channel_importance("nap", damping=0.1)(model, groups, ScoreInputs(factors, compensated=False))
+    both = create_channel_importance("nap", damping=0.1, producer_rows=True)(model, groups, ScoreInputs(factors))
+    for got, expected in ((scores, brute_force_scores(model, factors)),
+                          (zeroing, brute_force_scores(model, factors, zeroing_cost)),
+                          (both, brute_force_scores(model, factors, rows=True))):
+        for gid in ("conv1", "conv2"):
+            torch.testing.assert_close(got[gid], expected[gid], rtol=1e-8, atol=0)
     flops = count_flops(model.float(), (1, 2, 6, 6))[1]
     per_flop = create_channel_importance("nap_per_flop")(model.double(), groups, ScoreInputs(factors, flops))
     hand = flops["conv1"] / 4 + flops["conv2"] / 4

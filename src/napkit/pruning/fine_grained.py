@@ -1,4 +1,9 @@
-"""One fine-grained pruning step: score, rank globally, optionally OBS-compensate, mask."""
+"""One fine-grained pruning step: score, rank globally, optionally OBS-compensate, mask.
+
+After each call the pruner records what the K-FAC quadratic model predicts for the step
+(``last_predicted_increase``, per layer ``last_predicted``), so the loop can log predicted against
+measured loss increase (issue #20).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from napkit.curvature import KFACFactors
 from napkit.errors import NapkitError
 from napkit.layers import prunable_layers
 from napkit.pruning.allocation import prune_lowest
-from napkit.pruning.compensation import obs_compensate_
+from napkit.pruning.compensation import MAX_EXACT, check_compensation, obs_compensate_
 from napkit.pruning.importance import Importance
 from napkit.pruning.masks import MaskSet
 
@@ -33,18 +38,31 @@ def target_sparsity(target_sparsity: float | None, target_compression: float | N
 
 
 class FineGrainedPruner:
-    """Prunes ``step_fraction`` of the remaining weights per call, never past the target."""
+    """Prunes ``step_fraction`` of the remaining weights per call, never past the target.
+
+    ``compensation`` (:data:`~napkit.pruning.compensation.COMPENSATIONS`) is how the surviving weights
+    of a layer absorb the pruned ones: ``exact`` joint OBS under K-FAC (layers whose system exceeds
+    ``max_exact`` unknowns fall back to ``rowwise``), ``rowwise`` (OBC/SparseGPT), or ``none``.
+    ``damping`` damps the factors the compensation and the predicted increase use.
+    """
 
     def __init__(self, criterion: Importance, *, step_fraction: float, target: float | None,
-                 allocation: str = "global", max_layer_sparsity: float = 0.99, compensate: bool = False,
-                 damping: float = 0.1, factors: FactorsProvider | None = None) -> None:
+                 allocation: str = "global", max_layer_sparsity: float = 0.99, compensation: str = "none",
+                 max_exact: int = MAX_EXACT, damping: float = 0.1, factors: FactorsProvider | None = None) -> None:
         if not 0.0 < step_fraction <= 1.0:
             raise NapkitError(f"prune.step_fraction must be in (0, 1], got {step_fraction}")
-        if (criterion.needs_curvature or compensate) and factors is None:
-            raise NapkitError(f"criterion {criterion.name!r} needs K-FAC factors; run the curvature stage")
+        check_compensation(compensation)
+        if max_exact < 1:
+            raise NapkitError(f"prune.max_exact must be >= 1, got {max_exact}")
+        if (criterion.needs_curvature or compensation != "none") and factors is None:
+            raise NapkitError(f"criterion {criterion.name!r} with compensation {compensation!r} needs K-FAC "
+                              f"factors; run the curvature stage")
         self.criterion, self.step_fraction, self.target = criterion, step_fraction, target
         self.allocation, self.max_layer_sparsity = allocation, max_layer_sparsity
-        self.compensate, self.damping, self.factors = compensate, damping, factors
+        self.compensation, self.max_exact, self.damping, self.factors = compensation, max_exact, damping, factors
+        self.last_predicted_increase = math.nan  # K-FAC quadratic model of the last step (nan: no factors)
+        self.last_predicted: dict[str, float] = {}  # the same per layer
+        self.last_methods: dict[str, str] = {}  # compensation applied per layer (exact may fall back)
 
     def amount(self, masks: MaskSet) -> int:
         """How many weights this step removes: a share of the survivors, capped by the target."""
@@ -86,15 +104,20 @@ class FineGrainedPruner:
     def __call__(self, model: nn.Module, masks: MaskSet | None, iteration: int) -> tuple[nn.Module, MaskSet]:
         assert masks is not None
         layers = prunable_layers(model)
-        needs = self.criterion.needs_curvature or self.compensate
+        needs = self.criterion.needs_curvature or self.compensation != "none"
         factors = self.factors(model, iteration) if needs and self.factors else {}
         scores = {n: self.criterion(n, layers[n], factors.get(n)) for n in masks.masks}
         new = prune_lowest(scores, masks, self.amount(masks), allocation=self.allocation,
                            max_layer_sparsity=self.max_layer_sparsity)
-        if self.compensate:
-            for name in new.masks:
-                newly = masks.masks[name] & ~new.masks[name]
-                if newly.any():
-                    obs_compensate_(layers[name], factors[name].to(torch.float64).damped(self.damping), newly)
+        self.last_predicted, self.last_methods = {}, {}
+        for name in new.masks:
+            newly = masks.masks[name] & ~new.masks[name]
+            if name not in factors or not bool(newly.any()):
+                continue
+            done = obs_compensate_(layers[name], factors[name].to(torch.float64).damped(self.damping), newly,
+                                   kept=masks.masks[name], method=self.compensation, max_exact=self.max_exact)
+            self.last_predicted[name], self.last_methods[name] = done.predicted, done.method
+        covered = all(n in factors for n in new.masks)
+        self.last_predicted_increase = sum(self.last_predicted.values()) if covered else math.nan
         new.apply_(model)
         return model, new

@@ -67,6 +67,15 @@ def _a_diagonal(f: KFACFactors) -> torch.Tensor:
     return diag if f.A_bias is None else torch.cat([diag, f.A_bias.reshape(1)])
 
 
+def live_inputs(f: KFACFactors) -> torch.Tensor:
+    """Per column of ``W_h``: 1.0 where the input's second moment ``A_jj`` (undamped) is positive, else 0.0.
+
+    ``A`` sums outer products, so ``A_jj = 0`` exactly when input j was zero on every sample: removing
+    its weights then changes no output.
+    """
+    return (_a_diagonal(f) > 0).double()
+
+
 @register_importance("magnitude")
 class Magnitude(Importance):
     """|w|: the classic baseline (Han et al. 2015)."""
@@ -88,7 +97,11 @@ class Random(Importance):
 
 @register_importance("nap")
 class ObsKfac(Importance):
-    """NAP's OBS under K-FAC: dL_ij = w_ij^2 / (2 [G^-1]_ii [A^-1]_jj) on pi-damped factors (nap.md s.2)."""
+    """NAP's OBS under K-FAC: dL_ij = w_ij^2 / (2 [G^-1]_ii [A^-1]_jj) on pi-damped factors (nap.md s.2).
+
+    A weight whose input is zero on every sample (``A_jj = 0``: a dead ReLU unit, a removed channel)
+    scores exactly 0, its true cost; damping alone would score it ``w^2 delta / (2 [G^-1]_ii)``.
+    """
 
     needs_curvature = True
 
@@ -96,11 +109,13 @@ class ObsKfac(Importance):
         self.damping = damping
 
     def __call__(self, name: str, layer: PrunableLayer, factors: KFACFactors | None) -> torch.Tensor:
-        f = _require(name, factors).damped(self.damping)
+        undamped = _require(name, factors)
+        f = undamped.damped(self.damping)
         w = _matrix(layer)
         g_inv = f.g_inv_diag().double()
         a_inv = f.a_inv_diag().double()[: w.shape[1]]
-        return (w.square() / (2.0 * g_inv[:, None] * a_inv[None, :])).reshape(layer.weight.shape)
+        scores = w.square() / (2.0 * g_inv[:, None] * a_inv[None, :])
+        return (scores * live_inputs(undamped)[None, : w.shape[1]]).reshape(layer.weight.shape)
 
 
 @register_importance("nap_obd")

@@ -1,9 +1,12 @@
 """Channel importance criteria: one score per channel of every group (higher = more important).
 
 Mirrors the fine-grained registry (:mod:`napkit.pruning.importance`): a criterion is a small class
-decorated with ``@register_channel_importance``. NAP's scores (nap.md s.3) are the OBS loss increase
-of removing a channel under K-FAC, summed over the producer rows and consumer column blocks of the
-group's members (the curvature is block-diagonal across layers).
+decorated with ``@register_channel_importance``. NAP's score (nap.md s.3, changed by issue #20) is the
+loss increase the K-FAC quadratic model predicts for what the pruner applies: removing the channel's
+column block from every consumer, with the consumer's OBS compensation when the pruner compensates
+(``ScoreInputs.compensated``), else plain removal. Once a channel is gone from every consumer, no layer
+reads it, so the producer rows add no further loss: adding their own OBS term (as nap.md s.3 first
+specified) counts the same removal twice and is kept only as the ``producer_rows`` ablation.
 
 BatchNorm in the NAP score: the producer row term is computed on the conv (Linear) weights and
 their own K-FAC factors; a BatchNorm between producer and consumer carries no curvature factors and
@@ -24,6 +27,7 @@ from torch import Tensor, nn
 
 from napkit.curvature import KFACFactors, weight_with_bias
 from napkit.errors import NapkitError
+from napkit.pruning.importance import live_inputs
 from napkit.registry import Registry
 from napkit.structured.groups import ChannelGroup, Consumer, saved_flops
 
@@ -53,10 +57,14 @@ def create_channel_importance(name: str, **kwargs: object) -> ChannelImportance:
 
 @dataclass(frozen=True)
 class ScoreInputs:
-    """What some criteria need besides the model, keyed by the CURRENT model's layer names."""
+    """What some criteria need besides the model, keyed by the CURRENT model's layer names.
+
+    ``compensated`` says whether the pruner refits each consumer on its kept inputs after a removal.
+    """
 
     factors: dict[str, KFACFactors] | None = None
     layer_flops: dict[str, int] | None = None
+    compensated: bool = True
 
 
 class ChannelImportance(ABC):
@@ -128,17 +136,20 @@ class RandomChannels(ChannelImportance):
 
 @register_channel_importance("nap")
 class NapChannels(ChannelImportance):
-    """OBS under K-FAC for channels (nap.md s.3) on pi-damped factors.
+    """OBS under K-FAC for channels (nap.md s.3, issue #20) on pi-damped factors.
 
-    Per channel: producer rows ``w_i^T A w_i / (2 [G^-1]_ii)`` (``w_i`` row i of ``W_h``, bias
-    included) plus, for every consumer, ``0.5 tr(W_B^T G W_B ([A^-1]_BB)^-1)`` over the channel's
-    column block B. ``per_flop`` divides by the FLOPs the channel's removal saves (FLOPs targets).
+    Per channel, summed over its consumers: ``0.5 tr(W_B^T G W_B P_B)`` over the channel's column block B,
+    with ``P_B = ([A^-1]_BB)^-1`` when the consumers are compensated (the joint OBS cost of the block)
+    and ``P_B = A_BB`` when they are not (the cost of zeroing it). ``producer_rows`` adds the producer
+    rows' own OBS term ``w_i^T A w_i / (2 [G^-1]_ii)`` (``w_i`` row i of ``W_h``), the earlier score, for
+    ablation only: it double-counts. A channel that was zero on every sample (dead ReLU) scores 0 at
+    its consumers. ``per_flop`` divides by the FLOPs the removal saves (FLOPs targets).
     """
 
     needs_curvature = True
 
-    def __init__(self, damping: float = 0.1, per_flop: bool = False) -> None:
-        self.damping, self.per_flop = damping, per_flop
+    def __init__(self, damping: float = 0.1, per_flop: bool = False, producer_rows: bool = False) -> None:
+        self.damping, self.per_flop, self.producer_rows = damping, per_flop, producer_rows
 
     def __call__(
         self, model: nn.Module, groups: list[ChannelGroup], inputs: ScoreInputs = ScoreInputs()
@@ -148,13 +159,17 @@ class NapChannels(ChannelImportance):
             raise NapkitError(f"{self.name} needs K-FAC factors of the current model; pass factors")
         if self.per_flop and layer_flops is None:
             raise NapkitError(f"{self.name} with per_flop needs the model's per-layer FLOPs")
-        members = {p for g in groups for p in g.producers} | {c.name for g in groups for c in g.consumers}
+        members = {c.name for g in groups for c in g.consumers}
+        if self.producer_rows:
+            members |= {p for g in groups for p in g.producers}
         damped = {name: self._factors(model, name, factors) for name in members}
         scores: Scores = {}
         for g in groups:
-            terms = [row_terms(model, p, damped[p]) for p in g.producers]
-            terms += [column_terms(model, c, damped[c.name]) for c in g.consumers]
-            score = torch.stack(terms).sum(0)
+            terms = [column_terms(model, c, damped[c.name], inputs.compensated)
+                     * _live_channels(factors[c.name], c.block) for c in g.consumers]
+            if self.producer_rows:
+                terms += [row_terms(model, p, damped[p]) for p in g.producers]
+            score = torch.stack(terms).sum(0) if terms else torch.zeros(g.size, dtype=torch.float64)
             if layer_flops is not None and self.per_flop:
                 score = score / saved_flops(model, g, layer_flops)
             scores[g.id] = score
@@ -183,8 +198,15 @@ class NapChannels(ChannelImportance):
 class NapPerFlop(NapChannels):
     """NAP score divided by the FLOPs the channel's removal saves: loss per FLOP, for FLOPs targets."""
 
-    def __init__(self, damping: float = 0.1) -> None:
-        super().__init__(damping=damping, per_flop=True)
+    def __init__(self, damping: float = 0.1, producer_rows: bool = False) -> None:
+        super().__init__(damping=damping, per_flop=True, producer_rows=producer_rows)
+
+
+def _live_channels(f: KFACFactors, block: int) -> Tensor:
+    """1.0 for each input channel of a consumer that was nonzero on some sample (undamped ``A``), else 0.0:
+    a dead channel (e.g. behind a dead ReLU) costs nothing to remove, whatever the damping says."""
+    live = live_inputs(f)[: f.d_in].reshape(-1, block)
+    return live.amax(1).to(f.G.device)
 
 
 def row_terms(model: nn.Module, name: str, f: KFACFactors) -> Tensor:
@@ -193,11 +215,12 @@ def row_terms(model: nn.Module, name: str, f: KFACFactors) -> Tensor:
     return ((f.mul_a(w) * w).sum(1) / (2.0 * f.g_inv_diag())).double()
 
 
-def column_terms(model: nn.Module, consumer: Consumer, f: KFACFactors) -> Tensor:
-    """OBS cost of removing each input channel (column block B) of a consumer.
+def column_terms(model: nn.Module, consumer: Consumer, f: KFACFactors, compensated: bool = True) -> Tensor:
+    """Quadratic-model cost of removing each input channel (column block B) of a consumer.
 
-    ``0.5 tr(W_B^T G W_B P_B)`` with ``P_B = ([A^-1]_BB)^-1``; for one column this is
-    ``w_j^T G w_j / (2 [A^-1]_jj)``.
+    ``0.5 tr(W_B^T G W_B P_B)``. Compensated (the other columns refit, the joint OBS cost):
+    ``P_B = ([A^-1]_BB)^-1``, for one column ``w_j^T G w_j / (2 [A^-1]_jj)``. Not compensated (zeroing):
+    ``P_B = A_BB``.
     """
     b = consumer.block
     w = weight_with_bias(model.get_submodule(consumer.name)).to(f.G)[:, : f.d_in]
@@ -205,7 +228,8 @@ def column_terms(model: nn.Module, consumer: Consumer, f: KFACFactors) -> Tensor
     wb = w.reshape(w.shape[0], channels, b)
     gwb = (f.G @ w).reshape(w.shape[0], channels, b)
     m = torch.einsum("ocb,oce->cbe", wb, gwb)
-    return (0.5 * (m * _schur_blocks(f, channels, b)).sum((1, 2))).double()
+    p = _schur_blocks(f, channels, b) if compensated else _a_blocks(f, channels, b)
+    return (0.5 * (m * p).sum((1, 2))).double()
 
 
 def _schur_blocks(f: KFACFactors, channels: int, b: int) -> Tensor:
@@ -215,16 +239,28 @@ def _schur_blocks(f: KFACFactors, channels: int, b: int) -> Tensor:
     return _spd_inverse(_inverse_blocks(f, channels, b))
 
 
+def _a_blocks(f: KFACFactors, channels: int, b: int) -> Tensor:
+    """Diagonal blocks ``A_BB`` of the weight columns, one per channel (``[channels, b, b]``)."""
+    if f.A is not None:
+        return _diagonal_blocks(f.A, channels, b)
+    assert f.A_blocks is not None
+    return _diagonal_blocks(f.A_blocks, channels, b)
+
+
 def _inverse_blocks(f: KFACFactors, channels: int, b: int) -> Tensor:
     """Diagonal blocks ``[A^-1]_BB`` of the weight columns, one per channel."""
-    inv = f.a_inverse()
-    if f.A is not None:
+    return _diagonal_blocks(f.a_inverse(), channels, b)
+
+
+def _diagonal_blocks(m: Tensor, channels: int, b: int) -> Tensor:
+    """Blocks ``M_BB`` of consecutive ``b`` columns of a dense ``M`` (2-D) or a block-diagonal one (3-D blocks)."""
+    if m.dim() == 2:
         d = channels * b
-        return inv[:d, :d].reshape(channels, b, channels, b).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-    s = inv.shape[1]  # block-diagonal A whose blocks do not match the channels
-    idx = torch.arange(channels * b, device=inv.device).reshape(channels, b)
+        return m[:d, :d].reshape(channels, b, channels, b).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    s = m.shape[1]  # block-diagonal: entries across blocks are zero
+    idx = torch.arange(channels * b, device=m.device).reshape(channels, b)
     blk, off = idx // s, idx % s
-    vals = inv[blk[:, :, None], off[:, :, None], off[:, None, :]]
+    vals = m[blk[:, :, None], off[:, :, None], off[:, None, :]]
     same = blk[:, :, None] == blk[:, None, :]
     return torch.where(same, vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
 

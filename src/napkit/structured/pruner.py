@@ -4,24 +4,32 @@ Reductions are factors ("x times fewer"): ``target_flops_reduction=2`` stops at 
 model's FLOPs. The FLOPs and parameters of any candidate removal are computed exactly from the
 layer shapes (Conv2d/Linear FLOPs are bilinear in output and input channels), so a step can stop
 at the first channel that reaches the target.
+
+With ``compensate`` every consumer of a removed channel absorbs it before the cut: its kept input
+weights (and bias) get the exact OBS update for removing those columns under its K-FAC factors,
+the least-squares refit of its output on its kept inputs (issue #20). The NAP score is told so
+(``ScoreInputs.compensated``) and ranks by the cost of exactly that. ``last_predicted_increase``
+holds the K-FAC quadratic model's loss increase of the last step (nan without factors).
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from napkit.curvature import KFACFactors
+from napkit.curvature import KFACFactors, weight_with_bias
 from napkit.errors import NapkitError, unknown_choice
 from napkit.evaluation.cost import layer_flops
 from napkit.layers import modes_kept
 from napkit.pruning.allocation import CannotPruneFurther
+from napkit.pruning.compensation import column_removal_update, quadratic_increase
 from napkit.structured.blocks import BRANCH, INNER, block_of, bottlenecks
-from napkit.structured.groups import ChannelGroup, channel_groups, in_channels, rows
+from napkit.structured.groups import ChannelGroup, channel_groups, find_group, in_channels, rows
 from napkit.structured.importance import ChannelImportance, ScoreInputs, channel_importance_class
 from napkit.structured.latency import LatencyTable
 from napkit.structured.surgery import apply
@@ -156,6 +164,9 @@ class StructuredPruner:
     lets a torchvision bottleneck's conv1 or conv2 group lose every channel, which removes the block
     (:mod:`~napkit.structured.blocks`); with a latency table, such a channel is priced at the larger of
     its own saving and its share of the whole block's time, the per-layer cost only depth removal frees.
+    ``compensate`` refits the consumers of removed channels (module docstring); None: on exactly when
+    the criterion uses curvature (NAP), off for the baselines. The factors it and the predicted increase
+    use are damped by the criterion's ``damping`` when it has one, else by ``damping``.
     """
 
     def __init__(
@@ -175,8 +186,13 @@ class StructuredPruner:
         damping: float = 0.1,
         latency: LatencyTable | None = None,
         remove_blocks: bool = False,
+        compensate: bool | None = None,
     ) -> None:
         self.importance = _criterion(importance, damping)
+        self.compensate = self.importance.needs_curvature if compensate is None else bool(compensate)
+        self.damping = float(getattr(self.importance, "damping", damping))
+        self.last_predicted_increase = math.nan
+        self.last_plan: dict[str, Tensor] = {}
         if latency is not None and getattr(self.importance, "per_flop", False):
             raise NapkitError(f"channel importance {self.importance.name!r} already ranks per FLOP saved; "
                               f"with a latency table use its plain form (e.g. 'nap', not 'nap_per_flop')")
@@ -185,9 +201,9 @@ class StructuredPruner:
         if round_to < 1:
             raise NapkitError(f"round_to must be >= 1 (1: no rounding), got {round_to}")
         self.round_to = round_to
-        if self.importance.needs_curvature and factors_provider is None:
-            raise NapkitError(f"channel importance {self.importance.name!r} needs K-FAC factors; "
-                              f"pass a factors_provider")
+        if (self.importance.needs_curvature or self.compensate) and factors_provider is None:
+            raise NapkitError(f"channel importance {self.importance.name!r} with compensate={self.compensate} "
+                              f"needs K-FAC factors; pass a factors_provider")
         self.target = _target(target_flops_reduction, target_params_reduction)
         self.input_shape, self.step_fraction, self.allocation = input_shape, step_fraction, allocation
         self.min_channels, self.max_group_sparsity = min_channels, max_group_sparsity
@@ -267,8 +283,9 @@ class StructuredPruner:
         """A new, smaller model; ``model`` itself when it already meets the target."""
         groups = channel_groups(model)
         flops = count_flops(model, self.input_shape)
-        factors = self.factors_provider(model, iteration) if self.importance.needs_curvature else None
-        scores = self.importance(model, groups, ScoreInputs(factors, flops[1]))
+        needs = self.importance.needs_curvature or self.compensate
+        factors = self.factors_provider(model, iteration) if needs and self.factors_provider else None
+        scores = self.importance(model, groups, ScoreInputs(factors, flops[1], self.compensate))
         if self.latency is not None:
             scores = {g.id: scores[g.id] / self._saved_ms(model, g) for g in groups if g.id in scores}
         group_of, channel = self._order(groups, scores)
@@ -280,6 +297,7 @@ class StructuredPruner:
             )
         sizes = torch.tensor([g.size for g in groups])
         k = self._stop(CostModel(model, groups, flops), group_of, sizes)
+        self.last_predicted_increase, self.last_plan = math.nan, {}
         if k == 0:
             return model
         group_of, channel = _first_per_group(group_of[:k], channel[:k],
@@ -287,7 +305,13 @@ class StructuredPruner:
         if group_of.numel() == 0:
             raise CannotPruneFurther(f"cannot prune further: with round_to={self.round_to} no channel group can "
                                      f"lose a whole block of {self.round_to} channels in this step")
-        return apply(model, _plan(groups, group_of, channel), groups=groups)
+        plan = _plan(groups, group_of, channel)
+        work = copy.deepcopy(model) if self.compensate else model
+        if factors is not None:
+            self.last_predicted_increase = compensate_consumers_(work, groups, plan, factors, self.damping,
+                                                                 apply_update=self.compensate)
+        self.last_plan = plan
+        return apply(work, plan, groups=groups)
 
     def _saved_ms(self, model: nn.Module, group: ChannelGroup) -> float:
         """Milliseconds per channel the latency table credits the removal of one of ``group``'s channels."""
@@ -336,6 +360,44 @@ class StructuredPruner:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if reached(mid) else (mid + 1, hi)
         return hi
+
+
+@torch.no_grad()
+def compensate_consumers_(model: nn.Module, groups: list[ChannelGroup], plan: Mapping[str, Tensor],
+                          factors: Mapping[str, KFACFactors], damping: float, *, apply_update: bool = True) -> float:
+    """Refit every consumer of the channels ``plan`` removes (in place) and return the predicted increase.
+
+    For each consumer, the removed channels' column blocks get the exact OBS update
+    (:func:`~napkit.pruning.compensation.column_removal_update`) on its damped factors: they become
+    zero and the kept columns and the bias absorb them. Physically cutting the channels afterwards
+    (:func:`~napkit.structured.surgery.apply`) then changes no output. Returns the K-FAC quadratic
+    model's loss increase summed over the consumers; ``apply_update=False`` only predicts the cost
+    of removing the channels without refitting (nothing is changed).
+    """
+    predicted = 0.0
+    for gid, keep in plan.items():
+        group = find_group(groups, gid)
+        gone = torch.ones(group.size, dtype=torch.bool)
+        gone[torch.as_tensor(keep, dtype=torch.long)] = False
+        for consumer in group.consumers:
+            layer = model.get_submodule(consumer.name)
+            if consumer.name not in factors:
+                raise NapkitError(f"no K-FAC factors for layer {consumer.name!r}; estimate them on the current model")
+            f = factors[consumer.name].to(torch.float64).damped(damping)
+            w_h = weight_with_bias(layer).to(f.G)
+            d_in = layer.weight[0].numel()
+            if (f.d_out, f.d_in_h) != tuple(w_h.shape):
+                raise NapkitError(f"K-FAC factors of {consumer.name!r} are {f.d_out}x{f.d_in_h} but the layer is "
+                                  f"{w_h.shape[0]}x{w_h.shape[1]}; estimate them on the current model")
+            cols = torch.zeros(w_h.shape[1], dtype=torch.bool, device=w_h.device)
+            cols[:d_in] = gone.to(w_h.device).repeat_interleave(consumer.block)
+            delta = column_removal_update(w_h, cols, f, compensate=apply_update)
+            predicted += quadratic_increase(delta, f)
+            if apply_update:
+                layer.weight.add_(delta[:, :d_in].reshape(layer.weight.shape).to(layer.weight))
+                if layer.bias is not None:
+                    layer.bias.add_(delta[:, d_in].to(layer.bias))
+    return predicted
 
 
 def _criterion(importance: str | ChannelImportance, damping: float) -> ChannelImportance:
