@@ -170,8 +170,8 @@ def run_pruning(model: nn.Module, data: PruneData, cfg: DictConfig, *, factors: 
         if losses:  # the validation loss the step started from (unknown right after a resume)
             pre[it]["measured_loss_increase"] = val["loss"] - losses[-1]
         current[0] = it
-        predicted = getattr(pruner_of(), "last_predicted_increase", None)
-        if predicted is not None:
+        predicted = getattr(pruner_of(), "last_predicted_increase", None)  # the criterion's quadratic model
+        if predicted is not None and math.isfinite(predicted):
             pre[it]["predicted_loss_increase"] = float(predicted)
         if test_batches is not None:
             pre[it]["test_top1_pre_ft"] = evaluate(m, test_batches, device=device, progress=False)["top1"]
@@ -220,7 +220,8 @@ def fine_grained_parts(p: DictConfig, seed: int, model: nn.Module,
         target = 1.0 - 1.0 / _grid(p)[-1]
     pruner = FineGrainedPruner(weight_criterion(p, seed), step_fraction=float(p.step_fraction), target=target,
                                allocation=str(p.allocation), max_layer_sparsity=float(p.max_layer_sparsity),
-                               compensate=bool(p.compensate), damping=float(p.get("damping", 0.1)),
+                               compensation=str(p.get("compensation", "none")),
+                               max_exact=int(p.get("max_exact", 2048)), damping=float(p.get("damping", 0.1)),
                                factors=factors)
     masks = MaskSet.dense(model)
     pruner.check_reachable(masks)  # an unreachable target fails before any work
@@ -248,7 +249,8 @@ def structured_parts(cfg: DictConfig, dense: nn.Module, input_shape: tuple[int, 
                               target_params_reduction=None if grid else s.get("target_params_reduction"),
                               allocation=str(p.allocation), max_group_sparsity=float(s.max_group_sparsity),
                               round_to=int(s.get("round_to", 1)), factors_provider=factors, latency=latency,
-                              remove_blocks=bool(s.get("remove_blocks", False)))
+                              remove_blocks=bool(s.get("remove_blocks", False)), compensate=s.get("compensate"),
+                              damping=float(p.get("damping", 0.1)))
     final = pruner.target
     template = copy.deepcopy(dense).cpu()
     build = rebuild or (lambda counts: slim_to(copy.deepcopy(template), counts))
