@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -136,9 +137,17 @@ def _fake_outputs(repo: Path) -> Path:
                                  for name, d in (("features.0", 0.9), ("features.3", 0.4), ("classifier.1", 0.1))])
             elif path.suffix == ".csv":
                 write_csv(path, [{"epoch": 1, "val_top1": 50.0, "compression": 2.0}])
+            elif path.name == "metrics.json":  # some of the keys the stages write
+                keys = {"prune": ("sparsity", "compression", "kept_iteration"),
+                        "evaluate": ("sparsity", "top1", "top1_dense", "compression_params", "flops_reduction",
+                                     "latency_ms", "latency_ms_dense")}.get(path.parent.name, ())
+                path.write_text(json.dumps({"seconds": 1.0, **{k: 0.5 for k in keys}}))
             else:
-                path.write_bytes(f"{path.name}\n".encode() if path.suffix == ".json" else os.urandom(64))
+                path.write_bytes(os.urandom(64))
     _dvc(repo, "commit", "--force")
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, capture_output=True)
+    subprocess.run(["git", "-c", "user.name=napkit", "-c", "user.email=napkit@localhost", "commit", "-qm", "baseline"],
+                   cwd=repo, check=True, capture_output=True)
     return repo
 
 
@@ -251,3 +260,15 @@ def _assert_bars_drawn(bars: dict[str, dict]) -> None:
 
 def test_layer_ratio_bars_render_with_data(committed: Path) -> None:
     _assert_bars_drawn(_layer_bars(committed))
+
+
+def test_documented_exp_show_view_is_narrow(committed: Path) -> None:
+    """docs/tracking.md's `dvc exp show` view runs and keeps the comparison columns only."""
+    doc = (ROOT / "docs" / "tracking.md").read_text()
+    (line,) = [ln for ln in doc.splitlines() if ln.startswith("dvc exp show --drop")]
+    args = shlex.split(line)[1:]
+    wide = _dvc(committed, "exp", "show", "--csv", "--no-pager").splitlines()[0].split(",")
+    narrow = _dvc(committed, *args, "--csv", "--no-pager").splitlines()[0].split(",")
+    assert len(wide) > 100 and len(narrow) <= 20
+    assert {"Experiment", "top1", "top1_dense", "compression_params", "kept_iteration", "prune.method",
+            "artifacts/evaluate/metrics.json:sparsity", "model.name", "data.name"} <= set(narrow)
