@@ -110,3 +110,14 @@ def test_content_addressed_cleanup_spares_other_configs(compose_cfg, tmp_path) -
     assert set(mine).isdisjoint(theirs)
     assert sorted(clean_checkpoints(cfg, "prune")) == sorted(mine)
     assert all(p.is_file() for p in theirs)
+
+
+def test_chex_checkpoints_keyed_or_not_are_cleaned(compose_cfg, tmp_path) -> None:
+    cfg = compose_cfg(f"paths.artifacts={tmp_path}", "tracking=disabled")
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    names = ["chex_train.pt", "chex_train-0a1b2c3d.pt", "chex_compact.pt", "pretrain.pt"]
+    for name in names:
+        (folder / name).write_bytes(b"state")
+    assert [p.name for p in clean_checkpoints(cfg, "chex_train")] == ["chex_train-0a1b2c3d.pt", "chex_train.pt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["chex_compact.pt", "pretrain.pt"]

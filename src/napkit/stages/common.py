@@ -48,13 +48,18 @@ def clean_checkpoints(cfg: DictConfig, stage: str) -> list[Path]:
     """Delete ``stage``'s resume state (``checkpoint_path(cfg, stage)`` and ``checkpoint_path(cfg,
     f"{stage}_<part>")`` with any extension) once it completed: it only serves a rerun of a killed
     stage, and is most of a run's disk use. With ``paths.content_addressed`` only this config's
-    files go (other sweep jobs share the folder). Returns the deleted files."""
+    files go (other sweep jobs share the folder); a stage outside ``STAGES`` (CHEX) may key its
+    files ``<name>-<hex key>``. Returns the deleted files."""
     folder = Path(cfg.paths.artifacts) / "checkpoints"
     if not folder.is_dir():
         return []
-    keyed = cfg.paths.get("content_addressed", False) and stage in STAGES
-    suffix = f"-{stage_key(cfg, stage)}" if keyed else ""
-    pattern = re.compile(rf"{re.escape(stage)}(_[A-Za-z0-9]+)?{re.escape(suffix)}\.[A-Za-z]+")
+    if stage not in STAGES:
+        suffix = "(-[0-9a-f]+)?"
+    elif cfg.paths.get("content_addressed", False):
+        suffix = re.escape(f"-{stage_key(cfg, stage)}")
+    else:
+        suffix = ""
+    pattern = re.compile(rf"{re.escape(stage)}(_[A-Za-z0-9]+)?{suffix}\.[A-Za-z]+")
     removed = [p for p in sorted(folder.iterdir()) if p.is_file() and pattern.fullmatch(p.name)]
     for path in removed:
         path.unlink(missing_ok=True)
