@@ -39,11 +39,18 @@ def _scratch_repo(repo: Path, overrides: list[str]) -> Path:
     """A scratch clone of the project's pipeline files in a fresh git repo, with ``overrides`` as params."""
     for name in ("conf", "pipelines", "src", ".dvc"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
     write_params(repo, overrides=overrides)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     return repo
+
+
+def _git_commit(repo: Path) -> None:
+    """Commit the scratch repo (`dvc exp` needs a baseline commit)."""
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, capture_output=True)
+    subprocess.run(["git", "-c", "user.name=napkit", "-c", "user.email=napkit@localhost", "commit", "-qm", "baseline"],
+                   cwd=repo, check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +88,29 @@ def test_dvc_repro_end_to_end(repo: Path) -> None:
     assert {f"napkit.stage.{s}" for s in ("pretrain", "curvature", "prune", "finetune", "evaluate")} <= set(
         runs[0].data.tags)
 
-    # a prune parameter change reruns prune, finetune and evaluate only
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["prune"]["step_fraction"] = 0.5
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = _dvc(repo, "repro")
+    # an experiment changing a prune parameter (Hydra composes conf/ with -S) reruns prune, finetune
+    # and evaluate only, and its MLflow run still carries all five stages' results
+    _git_commit(repo)
+    out = _dvc(repo, "exp", "run", "-n", "stepfrac", *(f"-S{o}" for o in FAST), "-Sprune.step_fraction=0.5")
     assert "Running stage 'pretrain'" not in out and "Running stage 'curvature'" not in out
     for stage in ("prune", "finetune", "evaluate"):
         assert f"Running stage '{stage}'" in out
-    runs = client.search_runs([client.get_experiment_by_name("napkit").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("napkit").experiment_id],
+                              order_by=["attributes.start_time DESC"])
     assert len(runs) == 2  # a new pipeline execution is a new run
+    exp, first = runs[0].data, runs[1].data
+    assert exp.params["prune.step_fraction"] == "0.5"
+    for stage in ("pretrain", "curvature", "prune", "finetune", "evaluate"):
+        assert stage in ("pretrain", "curvature") or exp.tags[f"napkit.stage.{stage}"] == "done"
+        saved = json.loads((repo / f"artifacts/{stage}/metrics.json").read_text())
+        assert {k: exp.metrics[f"{stage}/{k}"] for k in saved} == pytest.approx(saved), stage
+    assert exp.metrics["pretrain/val_top1"] == first.metrics["pretrain/val_top1"]
+    assert exp.tags["napkit.stage.pretrain"] == exp.tags["napkit.stage.curvature"] == "cached"
+    assert exp.tags["napkit.dvc.experiment"] == "stepfrac" and exp.tags["mlflow.source.name"] == "dvc.yaml"
+    assert exp.tags["napkit.dvc.stage"] == "prune,finetune,evaluate"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+    assert exp.tags["mlflow.source.git.commit"] == head.stdout.strip()
+    assert first.tags["napkit.dvc.stage"] == "pretrain,curvature,prune,finetune,evaluate"
 
 
 @pytest.mark.slow
@@ -145,9 +165,7 @@ def _fake_outputs(repo: Path) -> Path:
             else:
                 path.write_bytes(os.urandom(64))
     _dvc(repo, "commit", "--force")
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, capture_output=True)
-    subprocess.run(["git", "-c", "user.name=napkit", "-c", "user.email=napkit@localhost", "commit", "-qm", "baseline"],
-                   cwd=repo, check=True, capture_output=True)
+    _git_commit(repo)
     return repo
 
 
@@ -236,7 +254,7 @@ _SPEC = re.compile(r'<div id = "(?P<id>[^"]+)">\s*<script type = "text/javascrip
 
 def _layer_bars(repo: Path) -> dict[str, dict]:
     """Render `dvc plots show` to HTML and return the Vega-Lite spec of each layer bar plot, by id."""
-    out = repo / "dvc_plots_test"
+    out = repo.parent / f"{repo.name}_plots"  # outside the repo: it is not the project's to commit
     _dvc(repo, "plots", "show", "--out", str(out))
     page = (out / "index.html").read_text()
     specs = {m["id"]: json.loads(m["spec"]) for m in _SPEC.finditer(page)}
