@@ -1,8 +1,9 @@
 """Which code produced a result: the git commit and a digest of the code that runs.
 
 ``code_version()`` keys caches (the sweep's run folders) and tags MLflow runs: it changes whenever
-a file under ``src/``, ``pipelines/`` or ``conf/`` changes, committed or not, and is the same for the
-same code whatever the commit message or unrelated files say.
+a file under ``src/``, ``pipelines/`` or ``conf/`` changes, committed or not, and not for commits
+that change no code or for files elsewhere (docs, benchmarks). Committing an uncommitted change
+gives a new version for the same bytes: one extra rerun, never a stale cache hit.
 """
 
 from __future__ import annotations

@@ -178,7 +178,7 @@ def _resolve_run(client: MlflowClient, cfg: DictConfig, stage: str) -> tuple[str
     return run.info.run_id, True
 
 
-def provenance_tags(cfg: DictConfig, stage: str, run_tags: dict[str, str]) -> dict[str, str]:
+def provenance_tags(run_tags: dict[str, str]) -> dict[str, str]:
     """What produced this stage's results: commit, code digest, entry point, DVC stage and experiment.
 
     ``run_tags`` (the run's current tags) lets ``napkit.dvc.stage`` list every DVC stage of the run.
@@ -250,10 +250,13 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageTracker]:
         run_tags = dict(client.get_run(run_id).data.tags)
     except Exception as exc:  # noqa: BLE001 - the store is down: run untracked, say so
         tracker.fail(exc)
-    tracker.set_tags(provenance_tags(cfg, stage, run_tags or {}))
+    tracker.set_tags(provenance_tags(run_tags or {}))
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), CONFIG_ARTIFACT)
     if run_tags is not None:  # untracked: the upstream stages' own pending files hold their summaries
-        log_skipped_upstream(tracker, cfg, stage, run_tags)
+        skipped = log_skipped_upstream(tracker, cfg, stage, run_tags)
+        if skipped:
+            log.info("%s: run %s records up-to-date %s from their metrics.json", stage, tracker.run_id,
+                     ", ".join(skipped))
     try:
         yield tracker
     except BaseException as exc:
