@@ -409,8 +409,9 @@ def test_stages_end_to_end_on_digits(compose_cfg, tmp_path, monkeypatch) -> None
     runs = client.search_runs([client.get_experiment_by_name("napkit").experiment_id])
     assert len(runs) == 1
     metrics = runs[0].data.metrics
-    for key in ("chex_train/density", "chex_train/regrown", "chex_train/survived", "chex_evaluate/top1"):
+    for key in ("chex_train/density", "iter/chex_train/regrown", "iter/chex_train/survived", "chex_evaluate/top1"):
         assert key in metrics, key
-    assert any(k.startswith("chex_train/channels/") for k in metrics)
-    history = client.get_metric_history(runs[0].info.run_id, "chex_train/density")
+    assert any(k.startswith("iter/chex_train/channels/") for k in metrics)
+    assert metrics["chex_train/density"] == pytest.approx(train["density"])  # the summary is the result
+    history = client.get_metric_history(runs[0].info.run_id, "iter/chex_train/density")
     assert len(history) >= 2 and math.isclose(history[-1].value, train["density"], abs_tol=0.02)

@@ -70,5 +70,8 @@ def run_stage(stage: str, cfg: DictConfig,
         shutdown()
     if not metrics or not main_rank:  # one report per job, from rank 0
         return metrics
+    from napkit.stages.common import clean_checkpoints  # lazy: a bad command line fails before heavy imports
+
+    clean_checkpoints(cfg, stage)  # completed: its resume state is dead weight (kept on failure)
     log.info("%s done: %s", stage, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics

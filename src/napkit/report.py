@@ -123,20 +123,25 @@ def _stage_seconds(client: MlflowClient, run: Run) -> tuple[dict[str, float | No
 
 
 def _density(client: MlflowClient, run: Run, workdir: Path) -> dict[str, float]:
-    """Per-layer density of the final model: evaluate/layers.csv, else prune/density/* at the kept step."""
+    """Per-layer density of the final model: evaluate/layers.csv, else the kept ``prune/density/*``
+    summary, else the ``iter/prune/density/*`` series at the kept iteration."""
     try:
         local = client.download_artifacts(run.info.run_id, "evaluate/layers.csv", str(workdir))
         with open(local) as fh:
             return {row["layer"]: float(row["density"]) for row in csv.DictReader(fh)}
     except Exception:  # noqa: BLE001 - fall back to the metrics
         pass
+    summary = {k.removeprefix("prune/density/"): v for k, v in run.data.metrics.items()
+               if k.startswith("prune/density/")}
+    if summary:
+        return summary
     kept = int(run.data.metrics.get("prune/kept_iteration", -1))
     out = {}
     for key in run.data.metrics:
-        if key.startswith("prune/density/"):
+        if key.startswith("iter/prune/density/"):
             hist = _history(client, run.info.run_id, key)
             at = [m.value for m in hist if m.step == kept] or [run.data.metrics[key]]
-            out[key.removeprefix("prune/density/")] = at[-1]
+            out[key.removeprefix("iter/prune/density/")] = at[-1]
     return out
 
 
@@ -184,13 +189,13 @@ def collect(client: MlflowClient, runs: list[Run], workdir: Path) -> list[RunRow
                      cached={s for s in STAGES if tags.get(f"napkit.stage.{s}") == "cached"}, params=dict(params),
                      error=tags.get("napkit.error", ""))
         row.seconds, row.estimated = _stage_seconds(client, run)
-        y = _history(client, run.info.run_id, "prune/val_top1")
-        for x_key in ("prune/compression", "prune/flops_reduction"):
+        y = _history(client, run.info.run_id, "iter/prune/val_top1")  # the pruning path, per iteration
+        for x_key in ("iter/prune/compression", "iter/prune/flops_reduction"):
             x = _history(client, run.info.run_id, x_key) if x_key in metrics else []
             if x and y:
                 by_step = {m.step: m.value for m in y}
                 row.path = [(m.value, by_step[m.step]) for m in x if m.step in by_step]
-                row.path_x = x_key.split("/", 1)[1]
+                row.path_x = x_key.rsplit("/", 1)[1]
                 break
         if "evaluate/top1" in metrics or "prune/kept_iteration" in metrics:
             row.density = _density(client, run, workdir / run.info.run_id)

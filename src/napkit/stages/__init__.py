@@ -16,17 +16,18 @@ STAGES = ("pretrain", "curvature", "prune", "finetune", "evaluate")
 CHEX_STAGES = ("chex_train", "chex_compact", "chex_evaluate")
 FLOWS: dict[str, tuple[str, ...]] = {"nap": STAGES, "chex": CHEX_STAGES}
 
-# Top-level config keys each stage reads besides its inputs (dvc.yaml's `params`, tested equal).
+# Top-level config sections each stage reads besides its inputs (dvc.yaml's `params`, tested equal;
+# seed and data for the splits every stage loads).
 # A stage's results depend on its own keys and those of every stage before it in its flow.
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "pretrain": ("seed", "model", "data", "train"),
-    "curvature": ("curvature",),
-    "prune": ("prune", "finetune"),
-    "finetune": ("finetune",),
-    "evaluate": ("evaluate",),
+    "curvature": ("seed", "data", "curvature"),
+    "prune": ("seed", "data", "curvature", "prune", "finetune"),  # curvature: re-estimated per iteration
+    "finetune": ("seed", "data", "prune", "finetune"),  # prune.one_shot: nothing to fine-tune
+    "evaluate": ("seed", "data", "evaluate"),
     "chex_train": ("seed", "model", "data", "chex"),
-    "chex_compact": ("chex",),
-    "chex_evaluate": ("evaluate",),
+    "chex_compact": ("seed", "data", "chex"),
+    "chex_evaluate": ("seed", "data", "evaluate"),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,28 @@ def checkpoint_path(cfg: DictConfig, stage: str) -> Path:
     name = stage if stage in CHEX_STAGES else stage.split("_", 1)[0]  # prune_iter3 / prune_loop: prune
     suffix = f"-{stage_key(cfg, name)}" if cfg.paths.get("content_addressed", False) else ""
     return Path(cfg.paths.artifacts) / "checkpoints" / f"{stage}{suffix}.pt"
+
+
+def clean_checkpoints(cfg: DictConfig, stage: str) -> list[Path]:
+    """Delete ``stage``'s resume state (``checkpoint_path(cfg, stage)`` and ``checkpoint_path(cfg,
+    f"{stage}_<part>")`` with any extension) once it completed: it only serves a rerun of a killed
+    stage, and is most of a run's disk use. With ``paths.content_addressed`` only this config's
+    files go (other sweep jobs share the folder); a stage outside ``STAGES`` (CHEX) may key its
+    files ``<name>-<hex key>``. Returns the deleted files."""
+    folder = Path(cfg.paths.artifacts) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    if stage not in STAGES:
+        suffix = "(-[0-9a-f]+)?"
+    elif cfg.paths.get("content_addressed", False):
+        suffix = re.escape(f"-{stage_key(cfg, stage)}")
+    else:
+        suffix = ""
+    pattern = re.compile(rf"{re.escape(stage)}(_[A-Za-z0-9]+)?{suffix}\.[A-Za-z]+")
+    removed = [p for p in sorted(folder.iterdir()) if p.is_file() and pattern.fullmatch(p.name)]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def seed_everything(seed: int) -> None:

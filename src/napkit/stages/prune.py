@@ -125,6 +125,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             write_json(out / "latency_table.json", table.to_json())
         write_metrics(out, metrics)
         tracker.log_metrics(metrics)
+        tracker.log_metrics(dict(result.best.layer_density), prefix="prune/density/")  # the kept layer ratios
         tracker.set_tags({"napkit.prune.stop_reason": result.stop_reason, "napkit.prune.mode": mode})
         tracker.log_artifact(out)
     return metrics

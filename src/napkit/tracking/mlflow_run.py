@@ -6,12 +6,20 @@ composed config) unless that run already holds this stage's results, in which ca
 new one. ``MLFLOW_RUN_ID`` (set by sweeps) forces a run. The default store is a SQLite file at an
 absolute path under the repository root, so runs made inside DVC's temporary experiment copies
 land in the same store.
+
+Metric keys: a per-iteration series (epochs, pruning iterations) is logged with steps under
+``iter/<stage>/<name>``; a stage's summary (its metrics.json: the kept result) once, without a
+step, under ``<stage>/<name>``, so the latest value MLflow shows for a summary key is the result.
+A run records the code (``mlflow.source.*`` tags, ``napkit.code_version``), the DVC stage and
+experiment that ran it, and the resolved config as the artifact ``config.yaml``. Upstream stages
+that DVC skipped (up to date) are recorded from their metrics.json, tagged ``cached``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,25 +32,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from napkit.distributed import world
 from napkit.hashing import fingerprint
-from napkit.io import write_json
+from napkit.io import read_json, write_json
+from napkit.provenance import code_version, git_commit, repo_root
 
 log = logging.getLogger(__name__)
 
 PIPELINE_TAG = "napkit.pipeline"
 PENDING_FILE = "tracking_pending.json"
+ITER_PREFIX = "iter/"
+CONFIG_ARTIFACT = "config.yaml"
 _EXCLUDED_FROM_ID = ("tracking", "paths", "device")
-
-
-def repo_root(start: Path | None = None) -> Path:
-    """The project root: the nearest folder with dvc.yaml, seen through DVC's temporary exp copies."""
-    here = (start or Path.cwd()).resolve()
-    parts = here.parts
-    if ".dvc" in parts:  # .../repo/.dvc/tmp/exps/<tmp>/... -> .../repo
-        return Path(*parts[: parts.index(".dvc")])
-    for folder in (here, *here.parents):
-        if (folder / "dvc.yaml").is_file():
-            return folder
-    return here
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -110,19 +109,36 @@ class StageTracker:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             batch = items[i : i + 100]
-            self._call(lambda: self.client.log_batch(self.run_id, params=batch),
+            self._call(self._log_batch, params=batch,
                        record={"op": "params", "params": {p.key: p.value for p in batch}})
+
+    def _log_batch(self, **kwargs: Any) -> None:
+        assert self.client is not None and self.run_id is not None
+        self.client.log_batch(self.run_id, **kwargs)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None, prefix: str | None = None,
                     timestamp: int | None = None) -> None:
+        """Log ``<prefix><name>`` (``prefix`` defaults to ``<stage>/``).
+
+        With a ``step`` the values are one point of a per-iteration series, keyed
+        ``iter/<prefix><name>``; without, they are the stage's summary (logged once, at step 0), so a
+        series never overwrites, nor is mistaken for, the result.
+        """
         pre = f"{self.stage}/" if prefix is None else prefix
+        if step is not None:
+            pre = f"{ITER_PREFIX}{pre}"
         ts = int(time.time() * 1000) if timestamp is None else timestamp
         items = [Metric(f"{pre}{k}", float(v), ts, step or 0) for k, v in metrics.items()]
         for i in range(0, len(items), 500):
             batch = items[i : i + 500]
-            self._call(lambda: self.client.log_batch(self.run_id, metrics=batch),
+            self._call(self._log_batch, metrics=batch,
                        record={"op": "metrics", "metrics": {m.key: m.value for m in batch}, "step": step or 0,
                                "timestamp": ts})
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """``text`` as the run's artifact ``artifact_file`` (e.g. the resolved config)."""
+        self._call(lambda: self.client.log_text(self.run_id, text, artifact_file),
+                   record={"op": "text", "text": text, "artifact_file": artifact_file})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if not Path(path).exists():
@@ -136,8 +152,11 @@ class StageTracker:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
-            self._call(lambda: self.client.set_tag(self.run_id, k, str(v)),
-                       record={"op": "tags", "tags": {k: str(v)}})
+            self._call(self._set_tag, k, str(v), record={"op": "tags", "tags": {k: str(v)}})
+
+    def _set_tag(self, key: str, value: str) -> None:
+        assert self.client is not None and self.run_id is not None
+        self.client.set_tag(self.run_id, key, value)
 
 
 def _resolve_run(client: MlflowClient, cfg: DictConfig, stage: str) -> tuple[str, bool]:
@@ -159,11 +178,59 @@ def _resolve_run(client: MlflowClient, cfg: DictConfig, stage: str) -> tuple[str
     return run.info.run_id, True
 
 
+def provenance_tags(run_tags: dict[str, str]) -> dict[str, str]:
+    """What produced this stage's results: commit, code digest, entry point, DVC stage and experiment.
+
+    ``run_tags`` (the run's current tags) lets ``napkit.dvc.stage`` list every DVC stage of the run.
+    """
+    env = os.environ
+    root = repo_root()
+    commit = env.get("DVC_EXP_BASELINE_REV") or git_commit(root)
+    dvc_stage = env.get("DVC_STAGE")
+    if dvc_stage:
+        source = dvc_stage.rsplit(":", 1)[0] if ":" in dvc_stage else "dvc.yaml"
+    else:
+        script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+        source = script.relative_to(root).as_posix() if script and script.is_relative_to(root) else str(
+            script or "python")
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": source, "napkit.code_version": code_version()}
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    if dvc_stage:
+        stages = [s for s in run_tags.get("napkit.dvc.stage", "").split(",") if s]
+        tags["napkit.dvc.stage"] = ",".join([*stages, dvc_stage] if dvc_stage not in stages else stages)
+    if env.get("DVC_EXP_NAME"):
+        tags["napkit.dvc.experiment"] = env["DVC_EXP_NAME"]
+    return tags
+
+
+def log_skipped_upstream(tracker: StageTracker, cfg: DictConfig, stage: str, run_tags: dict[str, str]) -> list[str]:
+    """Record the summaries of the upstream stages this run lacks (DVC skipped them as up to date) from
+    their metrics.json, at the file's time, tagged ``napkit.stage.<s>=cached``; returns those stages."""
+    from napkit.stages import STAGES  # the stages import this module
+    from napkit.stages.common import stage_dir
+
+    if stage not in STAGES:
+        return []
+    logged = []
+    for upstream in STAGES[: STAGES.index(stage)]:
+        path = stage_dir(cfg, upstream) / "metrics.json"
+        if f"napkit.stage.{upstream}" in run_tags or not path.is_file():
+            continue
+        metrics = {k: v for k, v in read_json(path).items() if isinstance(v, int | float)}
+        tracker.log_metrics(metrics, prefix=f"{upstream}/", timestamp=int(path.stat().st_mtime * 1000))
+        tracker.set_tags({f"napkit.stage.{upstream}": "cached", f"napkit.cache.{upstream}": str(path.parent)})
+        logged.append(upstream)
+    return logged
+
+
 @contextmanager
 def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageTracker]:
     """Open the MLflow run this stage belongs to; mark the stage done, or the run failed on error.
 
-    An unreachable store is reported in one warning and the stage runs untracked.
+    On entry the run gets the provenance tags, the resolved config (``config.yaml``) and the
+    summaries of upstream stages it lacks. An unreachable store is reported in one warning and the
+    stage runs untracked.
     """
     if not cfg.tracking.get("enabled", True) or not world().is_main:  # one writer under torchrun
         yield StageTracker(None, None, stage)
@@ -172,6 +239,7 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageTracker]:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(cfg.tracking.get("http_timeout", 10)))
     uri = tracking_uri(cfg)
     tracker = StageTracker(None, None, stage)
+    run_tags: dict[str, str] | None = None
     try:
         client = MlflowClient(uri)
         run_id, created = _resolve_run(client, cfg, stage)
@@ -179,8 +247,16 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageTracker]:
         if created:
             tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
         client.update_run(run_id, status="RUNNING")
+        run_tags = dict(client.get_run(run_id).data.tags)
     except Exception as exc:  # noqa: BLE001 - the store is down: run untracked, say so
         tracker.fail(exc)
+    tracker.set_tags(provenance_tags(run_tags or {}))
+    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), CONFIG_ARTIFACT)
+    if run_tags is not None:  # untracked: the upstream stages' own pending files hold their summaries
+        skipped = log_skipped_upstream(tracker, cfg, stage, run_tags)
+        if skipped:
+            log.info("%s: run %s records up-to-date %s from their metrics.json", stage, tracker.run_id,
+                     ", ".join(skipped))
     try:
         yield tracker
     except BaseException as exc:

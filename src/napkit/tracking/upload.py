@@ -59,6 +59,8 @@ def _replay(tracker: StageTracker, record: dict[str, Any]) -> None:
         tracker.log_params(record["params"])
     elif op == "tags":
         tracker.set_tags(record["tags"])
+    elif op == "text":
+        tracker.log_text(record["text"], record["artifact_file"])
     elif op == "artifact":
         path = Path(record["path"])
         if not path.exists():
@@ -67,12 +69,13 @@ def _replay(tracker: StageTracker, record: dict[str, Any]) -> None:
             for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != PENDING_FILE):
                 parent = file.parent.relative_to(path).as_posix()
                 target = record["artifact_path"] if parent == "." else f"{record['artifact_path']}/{parent}"
-                tracker._call(lambda: client.log_artifact(run_id, str(file), target), record=record)
+                tracker._call(client.log_artifact, run_id, str(file), target, record=record)
         else:
             target = record["artifact_path"]
             tracker._call(lambda: client.log_artifact(run_id, str(path), target), record=record)
     else:
-        raise NapkitError(f"unknown call {op!r} in a pending tracking file; valid: artifact, metrics, params, tags")
+        raise NapkitError(f"unknown call {op!r} in a pending tracking file; valid: artifact, metrics, params, tags, "
+                          "text")
 
 
 def upload(pending: Path, uri: str | None = None) -> str:
@@ -97,7 +100,7 @@ def upload(pending: Path, uri: str | None = None) -> str:
         tracker = StageTracker(client, run_id, stage)
         if created:
             tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-    except Exception as exc:  # noqa: BLE001 - the store is still down: keep the file
+    except Exception as exc:
         raise NapkitError(f"cannot reach MLflow store {target} ({type(exc).__name__}); {pending} kept") from exc
     for record in calls:
         _replay(tracker, record)
