@@ -112,12 +112,19 @@ def test_content_addressed_cleanup_spares_other_configs(compose_cfg, tmp_path) -
     assert all(p.is_file() for p in theirs)
 
 
-def test_chex_checkpoints_keyed_or_not_are_cleaned(compose_cfg, tmp_path) -> None:
-    cfg = compose_cfg(f"paths.artifacts={tmp_path}", "tracking=disabled")
+def test_chex_checkpoints_are_cleaned_like_every_stage(compose_cfg, tmp_path) -> None:
+    """CHEX stages live in the same flow machinery: their checkpoint is checkpoint_path(cfg, stage), keyed by
+    the stage key when content addressed, and cleaning spares other stages' and other configs' files."""
     folder = tmp_path / "checkpoints"
     folder.mkdir()
-    names = ["chex_train.pt", "chex_train-0a1b2c3d.pt", "chex_compact.pt", "pretrain.pt"]
-    for name in names:
-        (folder / name).write_bytes(b"state")
-    assert [p.name for p in clean_checkpoints(cfg, "chex_train")] == ["chex_train-0a1b2c3d.pt", "chex_train.pt"]
-    assert sorted(p.name for p in folder.iterdir()) == ["chex_compact.pt", "pretrain.pt"]
+    plain = compose_cfg(f"paths.artifacts={tmp_path}", "tracking=disabled")
+    keyed = compose_cfg(f"paths.artifacts={tmp_path}", "tracking=disabled", "paths.content_addressed=true")
+    other = compose_cfg(f"paths.artifacts={tmp_path}", "tracking=disabled", "paths.content_addressed=true",
+                        "chex.S=0.3")
+    paths = [checkpoint_path(c, "chex_train") for c in (plain, keyed, other)]
+    assert len(set(paths)) == 3
+    for path in [*paths, folder / "chex_compact.pt", folder / "pretrain.pt"]:
+        path.write_bytes(b"state")
+    assert clean_checkpoints(keyed, "chex_train") == [paths[1]]
+    assert clean_checkpoints(plain, "chex_train") == [paths[0]]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["chex_compact.pt", "pretrain.pt", paths[2].name])

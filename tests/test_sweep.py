@@ -190,3 +190,27 @@ def test_dvc_exp_queue_tracks_into_the_main_store(tmp_path: Path) -> None:
     runs = client.search_runs([client.get_experiment_by_name("napkit").experiment_id])
     done = [r for r in runs if "evaluate/top1" in r.data.metrics]
     assert sorted(r.data.params["prune.method"] for r in done) == ["magnitude", "nap"]
+
+
+def test_run_folders_change_with_the_code_and_the_data(compose_cfg, tmp_path, monkeypatch) -> None:
+    """The chain's content-addressed folders are keyed by config, code version and data fingerprint: a code
+    edit or a replaced data file never hits an old folder, an unchanged setup always does."""
+    from napkit.data import data_fingerprint
+    from napkit.stages.common import stage_dir
+    from napkit.sweep import chain
+
+    root = tmp_path / "data"
+    (root / "train" / "a").mkdir(parents=True)
+    image = root / "train" / "a" / "0.jpg"
+    image.write_bytes(b"x" * 10)
+    cfg = compose_cfg(f"paths.artifacts={tmp_path / 'artifacts'}", f"data.root={root}", "data=cifar10")
+    monkeypatch.setattr(chain, "code_version", lambda: "code-a")
+    first = stage_dir(chain.prepare(cfg), "pretrain")
+    assert stage_dir(chain.prepare(cfg), "pretrain") == first
+    before = data_fingerprint(cfg.data)
+    image.write_bytes(b"y" * 11)  # a replaced image
+    assert data_fingerprint(cfg.data) != before
+    assert stage_dir(chain.prepare(cfg), "pretrain") != first
+    changed_data = stage_dir(chain.prepare(cfg), "pretrain")
+    monkeypatch.setattr(chain, "code_version", lambda: "code-b")  # an edit under src/, pipelines/ or conf/
+    assert stage_dir(chain.prepare(cfg), "pretrain") not in (first, changed_data)

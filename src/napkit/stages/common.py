@@ -32,10 +32,16 @@ def stage_key(cfg: DictConfig, stage: str) -> str:
 
 def stage_dir(cfg: DictConfig, stage: str) -> Path:
     """The stage's output folder: ``<artifacts>/<stage>`` (``<artifacts>/chex/<step>`` for CHEX; DVC's
-    outs), or, with ``paths.content_addressed``, that folder plus ``/<stage_key>`` so runs that share a
-    config prefix (a sweep over pruning methods) share the pretrain and curvature outputs."""
+    outs), or, with ``paths.content_addressed``, that folder plus ``/<key>`` so runs that share a config
+    prefix (a sweep over pruning methods) share the pretrain and curvature outputs. The key hashes the
+    config sections the stage and its upstream read, plus ``paths.code_version`` and
+    ``paths.data_fingerprint`` when set (the chain sets both): new code or new data never hits an old
+    folder."""
     base = Path(cfg.paths.artifacts) / (f"chex/{stage.removeprefix('chex_')}" if stage in CHEX_STAGES else stage)
-    return base / stage_key(cfg, stage) if cfg.paths.get("content_addressed", False) else base
+    if not cfg.paths.get("content_addressed", False):
+        return base
+    extra = [cfg.paths.get(k) for k in ("code_version", "data_fingerprint") if cfg.paths.get(k)]
+    return base / (fingerprint(stage_key(cfg, stage), *extra) if extra else stage_key(cfg, stage))
 
 
 def checkpoint_path(cfg: DictConfig, stage: str) -> Path:
@@ -49,14 +55,11 @@ def clean_checkpoints(cfg: DictConfig, stage: str) -> list[Path]:
     """Delete ``stage``'s resume state (``checkpoint_path(cfg, stage)`` and ``checkpoint_path(cfg,
     f"{stage}_<part>")`` with any extension) once it completed: it only serves a rerun of a killed
     stage, and is most of a run's disk use. With ``paths.content_addressed`` only this config's
-    files go (other sweep jobs share the folder); a stage outside ``STAGES`` (CHEX) may key its
-    files ``<name>-<hex key>``. Returns the deleted files."""
+    files go (other sweep jobs share the folder). Returns the deleted files."""
     folder = Path(cfg.paths.artifacts) / "checkpoints"
     if not folder.is_dir():
         return []
-    if stage not in STAGES:
-        suffix = "(-[0-9a-f]+)?"
-    elif cfg.paths.get("content_addressed", False):
+    if cfg.paths.get("content_addressed", False):
         suffix = re.escape(f"-{stage_key(cfg, stage)}")
     else:
         suffix = ""

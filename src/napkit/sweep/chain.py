@@ -30,7 +30,9 @@ from typing import Any
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
+from napkit.data import data_fingerprint
 from napkit.io import read_json, write_json
+from napkit.provenance import code_version
 from napkit.errors import unknown_choice
 from napkit.stages import FLOWS, stage_runner
 from napkit.stages.common import stage_dir
@@ -58,11 +60,14 @@ class ChainResult:
 
 
 def prepare(cfg: DictConfig) -> DictConfig:
-    """A copy with content-addressed outputs forced and the artifacts folder made absolute
-    (so ``hydra.job.chdir=true`` and cluster jobs write to the same cache)."""
+    """A copy with content-addressed outputs forced, keyed by the code version and the data's fingerprint
+    too (a code change or replaced data files rerun what they touch), and the artifacts folder made
+    absolute (so ``hydra.job.chdir=true`` and cluster jobs write to the same cache)."""
     cfg = cfg.copy()
     OmegaConf.set_struct(cfg, False)
     cfg.paths.content_addressed = True
+    cfg.paths.code_version = code_version()
+    cfg.paths.data_fingerprint = data_fingerprint(cfg.data)
     cfg.paths.artifacts = str(Path(str(cfg.paths.artifacts)).expanduser().absolute())
     return cfg
 
