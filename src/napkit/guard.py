@@ -1,7 +1,8 @@
 """What ``run_stage`` does around a stage: probe what it needs, lock its output, turn signals into exits.
 
 * ``probe``: the device exists, the output folder is writable (and ``paths.artifacts`` is a folder),
-  the data is where the config says, the MLflow store is writable -- before any long work.
+  the data is where the config says, the upstream outputs are complete and finite, the MLflow store
+  is writable -- before any long work.
 * ``stage_lock``: one run per stage output at a time (an advisory ``flock``, released by the kernel
   when the holder dies, so a killed run never leaves a stale lock).
 * ``signals_raise``: SIGTERM / SIGINT raise :class:`~napkit.errors.Interrupted`, so the stage unwinds
@@ -71,6 +72,27 @@ def check_data(data: DictConfig) -> None:
     check_present(str(data.name), {str(k): v for k, v in data.items()})
 
 
+# the model sets (and factor files) each stage reads from the stages before it
+MODEL_INPUTS = {"curvature": ("pretrain",), "prune": ("pretrain",), "finetune": ("prune",),
+                "evaluate": ("pretrain", "finetune")}
+FACTOR_INPUTS = {"prune": "curvature/factors.safetensors"}
+
+
+def check_inputs(cfg: DictConfig, stage: str) -> None:
+    """The upstream outputs ``stage`` reads are complete sets (hashes match), finite and readable."""
+    from napkit.artifacts import load_model
+    from napkit.curvature import load_factors
+    from napkit.stages.common import stage_dir
+
+    for upstream in MODEL_INPUTS.get(stage, ()):
+        load_model(stage_dir(cfg, upstream))
+    if stage in FACTOR_INPUTS:
+        upstream, name = FACTOR_INPUTS[stage].split("/")
+        path = stage_dir(cfg, upstream) / name
+        if path.is_file():  # criteria without curvature never read it
+            load_factors(path)
+
+
 def probe(cfg: DictConfig, stage: str) -> None:
     """Everything ``stage`` will need, checked before it starts work."""
     from napkit.tracking.probe import check_store
@@ -78,6 +100,7 @@ def probe(cfg: DictConfig, stage: str) -> None:
     check_device(str(cfg.get("device", "auto")))
     check_writable(cfg, output_dir(cfg, stage))
     check_data(cfg.data)
+    check_inputs(cfg, stage)
     check_store(cfg)
 
 

@@ -83,10 +83,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     remove_stale_temps(target)
     prefix = f".{target.name}.{_HOST}.{os.getpid()}."
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=target.parent)
-    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual umask-based mode
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes 0600 (and some writers, safetensors' among them, replace the file with another
+        # 0600 one): outputs get the usual umask-based mode
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

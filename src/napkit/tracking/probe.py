@@ -3,7 +3,7 @@ otherwise fails deep inside MLflow, after the work.)"""
 
 from __future__ import annotations
 
-import os
+import sqlite3
 import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -14,13 +14,18 @@ from napkit.errors import NapkitError
 from napkit.tracking.mlflow_run import tracking_uri
 
 
-def _writable_file(path: Path) -> bool:
+def _writable_db(path: Path) -> bool:
+    """Whether SQLite can start a write transaction on the existing database ``path`` (rolled back)."""
     try:
-        with open(path, "r+b"):
-            pass
-    except OSError:
+        con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=10)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.rollback()
+        finally:
+            con.close()
+    except sqlite3.Error:
         return False
-    return os.access(path, os.W_OK)
+    return True
 
 
 def _writable_dir(path: Path) -> bool:
@@ -45,7 +50,7 @@ def check_store(cfg: DictConfig) -> None:
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite":
         path = Path(unquote(uri[len("sqlite:///"):]))
-        ok = _writable_file(path) if path.exists() else _writable_dir(path.parent)
+        ok = _writable_db(path) if path.exists() else _writable_dir(path.parent)
     elif parsed.scheme in ("", "file"):
         path = Path(unquote(parsed.path) if parsed.scheme else uri)
         ok = _writable_dir(path)
