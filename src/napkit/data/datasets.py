@@ -181,20 +181,21 @@ class ImageFileDataset(Dataset[Sample]):
 
 
 def dataset_fingerprint(dataset: Dataset[Sample], probes: int = 64) -> str:
-    """Short hash of what a split holds: its size, sample indices, normalisation and augmentation and
-    (for in-memory images) the pixels of up to ``probes`` evenly spaced samples; for image files, their
-    paths and labels. A resume checkpoint keyed by it is not reused after the data config changes."""
-    h = hashlib.sha256(f"{type(dataset).__name__}:{len(dataset)}".encode())  # type: ignore[arg-type]
+    """Short hash of what a split holds: its size, the contents of up to ``probes`` evenly spaced samples,
+    and for in-memory splits every sample index (subsets) and the normalisation; for image files, every
+    path. A resume checkpoint keyed by it is not reused after the data or the data config changes."""
+    n = len(dataset)  # type: ignore[arg-type]
+    h = hashlib.sha256(f"{type(dataset).__name__}:{n}".encode())
     if isinstance(dataset, ImageTensorDataset):
         h.update(dataset.indices.numpy().tobytes())
         h.update(f"{tuple(dataset.images.shape)}:{dataset.mean.tolist()}:{dataset.std.tolist()}:"
                  f"{dataset.augment}:{dataset.seed}".encode())
-        picks = dataset.indices[torch.linspace(0, len(dataset.indices) - 1, probes).long()] \
-            if len(dataset.indices) else dataset.indices
-        h.update(dataset.images[picks].numpy().tobytes())
-        h.update(dataset.labels[dataset.indices].numpy().tobytes())
     elif isinstance(dataset, ImageFileDataset):
         h.update(repr(dataset.samples).encode())
+        return h.hexdigest()[:16]  # reading files to probe them would cost a decode each
+    for i in sorted({round(k * (n - 1) / max(probes - 1, 1)) for k in range(probes)} if n else set()):
+        for part in dataset[i]:
+            h.update(part.numpy().tobytes() if isinstance(part, Tensor) else repr(part).encode())
     return h.hexdigest()[:16]
 
 
