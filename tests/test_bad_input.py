@@ -863,3 +863,20 @@ def test_sigint_in_process_exits_130_and_marks_the_run_killed(artifacts, unchang
     assert load_torch(artifacts / "checkpoints" / "pretrain.pt")["epoch"] == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
     unchanged("checkpoints/pretrain.pt")
+
+
+@pytest.mark.parametrize("argv,bad", [
+    (["model=lenet5", "prune=magnitude", "structured@prune.structured=default", "hydra.run.dir=x"], None),
+    (["train.epochs=3", "+experiment.name=x", "train.optimizer.lr=0.1", "~prune.damping", "seed=1,2"], None),
+    (["train.epochz=3"], "train.epochz=3: unknown key; valid keys: amp, epochs, label_smoothing, optimizer, "
+                         "scheduler"),
+    (["prune.structured.roundto=8"], "prune.structured.roundto=8: unknown key; valid keys: "
+                                     "bn_recalibration_batches, latency_batch"),
+    (["sed=1"], "sed=1: unknown key; valid keys: chex, curvature, data, device, distributed, evaluate, "
+                "experiment, finetune, hydra, model, paths, pipeline, prune, seed, tracking, train"),
+], ids=["groups", "valid_keys", "typo", "nested_typo", "top_level_typo"])
+def test_unknown_override_key_is_found_before_hydra(argv: list[str], bad: str | None) -> None:
+    from napkit.schema import unknown_override
+
+    message = unknown_override(argv)
+    assert message is None if bad is None else message.startswith(bad), message

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import types
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -183,7 +184,7 @@ class Prune(Group):
 
 
 class Finetune(Train):
-    pass
+    """The final fine-tune: the same keys as ``train``."""
 
 
 class Evaluate(Group):
@@ -280,7 +281,7 @@ def describe(annotation: Any, metadata: Sequence[Any] = ()) -> str:
     if origin is Annotated:
         return describe(args[0], [*metadata, *args[1:]])
     meta = [m for x in metadata for m in (x.metadata if hasattr(x, "metadata") else [x])]
-    if origin in (Union, __import__("types").UnionType) and type(None) in args:
+    if origin in (Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
         return f"{describe(rest[0], meta)}, or null"
     if origin is Literal:
