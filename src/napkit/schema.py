@@ -15,7 +15,6 @@ import types
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import annotated_types as at
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -254,17 +253,18 @@ class Config(Group):
 
 
 def _bounds(metadata: Sequence[Any]) -> str:
+    """' in (0, 1)', ' >= 1', ... from a field's constraints (annotated_types' Ge, Gt, Le, Lt, MinLen)."""
     lo = hi = ""
     for m in metadata:
-        if isinstance(m, at.Ge):
+        if getattr(m, "ge", None) is not None:
             lo = f"[{m.ge}"
-        elif isinstance(m, at.Gt):
+        elif getattr(m, "gt", None) is not None:
             lo = f"({m.gt}"
-        elif isinstance(m, at.Le):
+        elif getattr(m, "le", None) is not None:
             hi = f"{m.le}]"
-        elif isinstance(m, at.Lt):
+        elif getattr(m, "lt", None) is not None:
             hi = f"{m.lt})"
-        elif isinstance(m, at.MinLen) and m.min_length == 1:
+        elif getattr(m, "min_length", None) == 1:
             return " (not empty)"
     if lo and hi:
         return f" in {lo}, {hi}"
