@@ -22,8 +22,9 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
+from napkit import io
 from napkit.errors import NapkitError
-from napkit.io import atomic_path, check_finite, load_tensors, read_json, write_json
+from napkit.io import check_finite, load_tensors, read_json, write_json
 from napkit.layers import prunable_layers
 from napkit.models import create_model
 from napkit.pruning.masks import MaskSet
@@ -76,7 +77,7 @@ def save_model(out_dir: Path, model: nn.Module, spec: ModelSpec, masks: MaskSet 
     files: dict[str, str] = {}
     with ExitStack() as renames:  # leaving it renames every finished temporary file into place
         for name, tensors in parts.items():
-            tmp = renames.enter_context(atomic_path(out_dir / name))
+            tmp = renames.enter_context(io.atomic_path(out_dir / name))
             save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp))
             files[name] = sha256(tmp)
     write_json(out_dir / MODEL_JSON, {**asdict(spec), "files": files})
