@@ -144,7 +144,8 @@ def test_unknown_method_exits_with_one_line(artifacts, unchanged) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert errors == [errors[0]] and errors[0].startswith("napkit prune: error: prune.method=obs_magic: "), proc.stderr
+    assert errors == [errors[0]], proc.stderr
+    assert errors[0].startswith("napkit prune: error: prune.method=obs_magic: "), proc.stderr
     assert re.search(r"allowed: one of .*magnitude.*nap", errors[0])
     unchanged()
 
@@ -323,7 +324,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(artifacts) -> None:
             device=torch.device("cpu"), checkpoint=ckpt, on_epoch=poison, progress=False)
         return model
 
-    with pytest.raises(NapkitError, match=r"train 2/3: loss became nan \(features\.0 has NaN/Inf weights\) \(try a lower learning rate\); stopped"):
+    diverged = (r"train 2/3: loss became nan \(features\.0 has NaN/Inf weights\) \(try a lower learning rate\); "
+                r"stopped")
+    with pytest.raises(NapkitError, match=diverged):
         train(on_epoch=lambda epoch, row: None)
     state = load_torch(ckpt)
     assert state["epoch"] == 1
@@ -634,7 +637,8 @@ FILE_CASES = {
 
 
 @pytest.mark.parametrize("case", list(FILE_CASES))
-def test_bad_or_incomplete_file_is_refused_with_its_name(artifacts, unchanged, capsys, tmp_path, case: str) -> None:
+def test_bad_or_incomplete_file_is_refused_with_its_name(artifacts, unchanged, capsys, tmp_path,
+                                                         case: str) -> None:
     stage, damage, message, changed = FILE_CASES[case]
     try:
         extra = damage(artifacts, tmp_path)
@@ -712,7 +716,7 @@ def test_kill_between_output_writes_never_yields_a_mixed_set(artifacts, monkeypa
         loaded, _, loaded_masks = load_model(folder)
         assert loaded_masks is not None
     else:
-        with pytest.raises(NapkitError, match=r"does not match the sha256 in model\.json: an incomplete output set"):
+        with pytest.raises(NapkitError, match=r"does not match the sha256 in model\.json: an incomplete output"):
             load_model(folder)
     save_model(folder, model, spec, masks)  # the rerun completes the set
     loaded, _, _ = load_model(folder)
@@ -842,7 +846,8 @@ def test_sigterm_ends_the_run_killed_keeps_the_checkpoint_and_a_second_run_is_lo
     unchanged("checkpoints/pretrain.pt")
 
 
-def test_sigint_in_process_exits_130_and_marks_the_run_killed(artifacts, unchanged, capsys, monkeypatch) -> None:
+def test_sigint_in_process_exits_130_and_marks_the_run_killed(artifacts, unchanged, capsys,
+                                                              monkeypatch) -> None:
     """Ctrl-C during training (here: right after the first epoch's checkpoint is written)."""
     from napkit.training import trainer
 

@@ -346,7 +346,8 @@ def test_mnist_fixture_loads_real_records():
 def test_cifar_fixture_loads_real_jpegs(tmp_path):
     splits = create_splits("cifar10", root=str(FIXTURES / "cifar10"), format="imagefolder",
                            cache_dir=str(tmp_path))
-    assert splits.train.images.shape == (20, 3, 32, 32) and splits.test.labels.tolist() == sorted([*range(10)] * 2)
+    assert splits.train.images.shape == (20, 3, 32, 32)
+    assert splits.test.labels.tolist() == sorted([*range(10)] * 2)
     with Image.open(FIXTURES / "cifar10" / "test" / "cat" / "0000.jpg") as image:
         cat = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
     assert torch.equal(splits.test.images[6], cat)
@@ -366,7 +367,8 @@ def test_corrupt_mnist_file_is_named_with_what_to_do(tmp_path, damage, what):
     root = _mnist_copy(tmp_path)
     path = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
     path.write_bytes(damage(path.read_bytes()))
-    with pytest.raises(NapkitError, match=f"corrupt MNIST file {re.escape(str(path))} \\({what}.*re-download"):
+    expected = f"corrupt MNIST file {re.escape(str(path))} \\({what}.*re-download"
+    with pytest.raises(NapkitError, match=expected):
         create_splits("mnist", root=str(root), download=False)
 
 
@@ -415,4 +417,5 @@ def test_dataset_fingerprint_follows_the_data():
     a, b = create_splits("digits", seed=0), create_splits("digits", seed=0, subset_train=500)
     assert dataset_fingerprint(a.train) == dataset_fingerprint(create_splits("digits", seed=0).train)
     assert dataset_fingerprint(a.train) != dataset_fingerprint(b.train)
-    assert dataset_fingerprint(a.train) != dataset_fingerprint(create_splits("digits", seed=0, input_size=32).train)
+    padded = create_splits("digits", seed=0, input_size=32)
+    assert dataset_fingerprint(a.train) != dataset_fingerprint(padded.train)

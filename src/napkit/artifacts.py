@@ -84,16 +84,16 @@ def save_model(out_dir: Path, model: nn.Module, spec: ModelSpec, masks: MaskSet 
 
 
 def _checked_files(in_dir: Path, saved: dict[str, Any]) -> dict[str, str]:
-    """The set's ``files`` (name -> sha256), each present with that hash: else one line saying what to rerun."""
+    """The set's ``files`` (name -> sha256), each present with that hash; else one line saying to rerun."""
     files = saved.get("files")
     if not isinstance(files, dict) or MODEL_WEIGHTS not in files:
-        raise NapkitError(f"{in_dir / MODEL_JSON} lists no file hashes (an incomplete set, or written by an older "
-                          "napkit); rerun the stage that writes it")
+        raise NapkitError(f"{in_dir / MODEL_JSON} lists no file hashes (an incomplete set, or written by an "
+                          "older napkit); rerun the stage that writes it")
     for name, digest in files.items():
         if not (in_dir / name).is_file() or sha256(in_dir / name) != digest:
-            state = "is missing" if not (in_dir / name).is_file() else "does not match the sha256 in model.json"
-            raise NapkitError(f"{in_dir / name} {state}: an incomplete output set (a run was killed while writing "
-                              "it); rerun the stage that writes it")
+            state = "does not match the sha256 in model.json" if (in_dir / name).is_file() else "is missing"
+            raise NapkitError(f"{in_dir / name} {state}: an incomplete output set (a run was killed while "
+                              "writing it); rerun the stage that writes it")
     return files
 
 
@@ -128,7 +128,7 @@ def load_model(in_dir: Path) -> tuple[nn.Module, ModelSpec, MaskSet | None]:
     if masks is not None:
         missing = [n for n in prunable_layers(model) if n not in masks.masks]
         if missing:
-            raise NapkitError(f"{in_dir / MASKS} has no mask for layer(s) {', '.join(missing[:3])} (it would be "
-                              "trained dense); rerun the stage that writes it")
+            raise NapkitError(f"{in_dir / MASKS} has no mask for layer(s) {', '.join(missing[:3])} (it would "
+                              "be trained dense); rerun the stage that writes it")
         masks.apply_(model)
     return model, spec, masks

@@ -43,8 +43,9 @@ def check_device(name: str) -> None:
         index = int(name.split(":", 1)[1]) if ":" in name else 0
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if index >= count:
-            raise NapkitError(f"device={name}: this machine has {count} CUDA device(s); allowed here: auto, cpu"
-                              + "".join(f", cuda:{i}" for i in range(count)))
+            gpus = "".join(f", cuda:{i}" for i in range(count))
+            raise NapkitError(f"device={name}: this machine has {count} CUDA device(s); allowed here: auto, "
+                              f"cpu{gpus}")
     elif name == "mps" and not torch.backends.mps.is_available():
         raise NapkitError("device=mps: MPS is not available on this machine; allowed here: auto, cpu")
 
@@ -54,8 +55,8 @@ def check_writable(cfg: DictConfig, out: Path) -> None:
     artifacts = Path(cfg.paths.artifacts)
     for parent in (artifacts, *artifacts.parents):
         if parent.exists() and not parent.is_dir():
-            raise NapkitError(f"paths.artifacts={artifacts}: {parent} is a file; allowed: a folder (created when "
-                              "missing)")
+            raise NapkitError(f"paths.artifacts={artifacts}: {parent} is a file; allowed: a folder (created "
+                              "when missing)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -106,7 +107,7 @@ def probe(cfg: DictConfig, stage: str) -> None:
 
 @contextmanager
 def stage_lock(cfg: DictConfig, stage: str) -> Iterator[Path]:
-    """Hold ``<artifacts>/.locks/<output>.lock`` for the stage's run; a second run is refused in one line."""
+    """Hold ``<artifacts>/.locks/<output>.lock`` while the stage runs; a second run is refused in one line."""
     out = output_dir(cfg, stage)
     name = str(out.relative_to(cfg.paths.artifacts)).replace(os.sep, "-")
     path = Path(cfg.paths.artifacts) / ".locks" / f"{name}.lock"
@@ -117,8 +118,8 @@ def stage_lock(cfg: DictConfig, stage: str) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise NapkitError(f"another run of {stage} (pid {holder}) is writing {out}; wait for it to finish or "
-                              f"stop it (lock {path})") from None
+            raise NapkitError(f"another run of {stage} (pid {holder}) is writing {out}; wait for it to "
+                              f"finish or stop it (lock {path})") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield path

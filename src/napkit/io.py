@@ -155,8 +155,8 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
-            raise NapkitError(f"{what}: {name} has {bad} NaN/Inf value(s) of {t.numel()}; the run that wrote it "
-                              "diverged: rerun it (e.g. with a lower learning rate)")
+            raise NapkitError(f"{what}: {name} has {bad} NaN/Inf value(s) of {t.numel()}; the run that wrote "
+                              "it diverged: rerun it (e.g. with a lower learning rate)")
 
 
 def save_tensors(

@@ -41,7 +41,7 @@ class Group(BaseModel):
 
 
 class Refused(ValueError):
-    """A value a validator refuses: ``key`` (below the field being validated, or ""), the value, what is allowed."""
+    """A value a validator refuses: ``key`` (below the validated field, or ""), the value, what is allowed."""
 
     def __init__(self, key: str, value: Any, allowed: str) -> None:
         super().__init__(allowed)
@@ -55,7 +55,7 @@ def _registry(value: str, names: Sequence[str]) -> str:
 
 
 class Optimizer(BaseModel):
-    """A Hydra ``_partial_`` target (optimizer or scheduler): its other keys must be arguments of the class."""
+    """A Hydra ``_partial_`` target (optimizer or scheduler): its other keys must be the class's arguments."""
 
     model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
     target: str = Field(alias="_target_")
@@ -340,7 +340,8 @@ def _message(error: dict[str, Any]) -> str:
         return f"{key}={value}: unknown key; valid keys: {valid}"
     if error["type"] == "missing":
         model, field = _walk(loc)
-        return f"{key} is missing; allowed: {describe(field.annotation, field.metadata) if field else 'see conf/'}"
+        allowed = describe(field.annotation, field.metadata) if field else "see conf/"
+        return f"{key} is missing; allowed: {allowed}"
     refused = error.get("ctx", {}).get("error")
     if isinstance(refused, Refused):
         where = f"{key}.{refused.key}" if refused.key else key

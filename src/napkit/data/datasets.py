@@ -100,8 +100,8 @@ def check_present(name: str, data: dict[str, Any]) -> None:
         need = [root / "train", root / "val"]
     for path in need:
         if not path.exists():
-            raise NapkitError(f"data.root={root}: {path} not found; put the {name} files there"
-                              + (" or set data.download=true on a connected machine" if name != "imagenet" else ""))
+            hint = "" if name == "imagenet" else " or set data.download=true on a connected machine"
+            raise NapkitError(f"data.root={root}: {path} not found; put the {name} files there{hint}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,8 +455,8 @@ def check_mnist_files(raw: Path) -> None:
         if found != magic or size != header_len + count * record:
             what = f"idx magic {found}, expected {magic}" if found != magic else \
                 f"{size} bytes, its header announces {count} records = {header_len + count * record} bytes"
-            raise NapkitError(f"corrupt MNIST file {path} ({what}); delete it and re-download it (data.download: "
-                              "true) or copy it again from the MNIST archive")
+            raise NapkitError(f"corrupt MNIST file {path} ({what}); delete it and re-download it "
+                              "(data.download: true) or copy it again from the MNIST archive")
 
 
 def _load_mnist(root: str, *, train: bool, download: bool, pad: int) -> tuple[Tensor, Tensor]:
