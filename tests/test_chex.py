@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import logging
 import math
 
 import pytest
@@ -415,3 +416,22 @@ def test_stages_end_to_end_on_digits(compose_cfg, tmp_path, monkeypatch) -> None
     assert metrics["chex_train/density"] == pytest.approx(train["density"])  # the summary is the result
     history = client.get_metric_history(runs[0].info.run_id, "iter/chex_train/density")
     assert len(history) >= 2 and math.isclose(history[-1].value, train["density"], abs_tol=0.02)
+
+
+def test_a_checkpoint_is_not_resumed_on_other_data(tmp_path, caplog) -> None:
+    """Same shapes, same config, other data (e.g. another data.subset_train): the CHEX checkpoint of
+    the first run must not be resumed; the second run equals a fresh run on its own data."""
+    cfg = _chex_cfg(epochs=2)
+
+    def train(data, checkpoint):
+        model = _model("alexnet_small")
+        train_chex(model, data, data, cfg=cfg, batch_size=8, eval_batch_size=16, seed=0,
+                   device=torch.device("cpu"), checkpoint=checkpoint, progress=False)
+        return model
+
+    train(_random_data(16, seed=0), tmp_path / "ck.pt")
+    with caplog.at_level(logging.WARNING):
+        swapped = train(_random_data(16, seed=1), tmp_path / "ck.pt")
+    assert "ignoring checkpoint" in caplog.text
+    fresh = train(_random_data(16, seed=1), None)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in swapped.state_dict().items())

@@ -43,25 +43,25 @@ OUTPUTS = {"chex_train": "chex/train"}  # a stage's output folder under artifact
 TIMING_KEYS = ("seconds",)  # wall-clock measurements: the only values allowed to differ
 
 # Runs a stage entrypoint, killing itself with SIGKILL halfway through the Nth atomic write of the file
-# named by $NAPKIT_TEST_KILL_IN_WRITE ("<file name>:<N>"): the temporary file is left half written.
+# (every write, single files and output sets alike, goes through napkit.io.atomic_path) named by
+# $NAPKIT_TEST_KILL_IN_WRITE ("<file name>:<N>"): the temporary file is left half written.
 KILL_IN_WRITE = r"""
-import os, runpy, signal, sys
+import contextlib, os, runpy, signal, sys
 from pathlib import Path
 import napkit.io as io
 name, nth = os.environ["NAPKIT_TEST_KILL_IN_WRITE"].rsplit(":", 1)
-seen, original = [0], io.write_with
-def write_with(path, writer):
-    if Path(path).name == name:
-        seen[0] += 1
-        if seen[0] == int(nth):
-            def half(tmp):
-                writer(tmp)
+seen, original = [0], io.atomic_path
+@contextlib.contextmanager
+def atomic_path(path):
+    with original(path) as tmp:
+        yield tmp
+        if Path(path).name == name:
+            seen[0] += 1
+            if seen[0] == int(nth):
                 data = tmp.read_bytes()
                 tmp.write_bytes(data[: len(data) // 2])
                 os.kill(os.getpid(), signal.SIGKILL)
-            return original(path, half)
-    return original(path, writer)
-io.write_with = write_with
+io.atomic_path = atomic_path
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

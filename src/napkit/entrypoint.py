@@ -10,7 +10,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from napkit.distributed import init_from_env, shutdown
-from napkit.errors import NapkitError
+from napkit.errors import Interrupted, NapkitError
+from napkit.guard import output_dir, probe, signals_raise, stage_lock
+from napkit.io import clean_stale_temps
+from napkit.schema import unknown_override, validate_config
 from napkit.stages import stage_runner
 
 log = logging.getLogger("napkit")
@@ -48,7 +51,7 @@ def check_command_line(stage: str, script: str, argv: Sequence[str] | None = Non
     args = list(sys.argv[1:] if argv is None else argv)
     dirs = [Path(script).resolve().parents[1] / "conf"]
     dirs += [Path(args[i + 1]) for i, a in enumerate(args[:-1]) if a in ("--config-dir", "-cd")]
-    message = bad_group_override(args, dirs)
+    message = bad_group_override(args, dirs) or unknown_override(args)
     if message:
         print(f"napkit {stage}: error: {message}", file=sys.stderr)
         sys.exit(2)
@@ -56,16 +59,34 @@ def check_command_line(stage: str, script: str, argv: Sequence[str] | None = Non
 
 def run_stage(stage: str, cfg: DictConfig,
               runner: Callable[[DictConfig], dict[str, float]] | None = None) -> dict[str, float]:
-    """Run ``runner(cfg)`` (default ``napkit.stages.<stage>.run``) under torchrun's process group
-    if any; a NapkitError exits with status 2 and one clear line."""
+    """Run ``runner(cfg)`` (default ``napkit.stages.<stage>.run``) under torchrun's process group if any.
+
+    First, before any work: the config is validated against the schema, and what the stage needs is
+    probed (device, writable output, data, MLflow store); then rank 0 locks the stage's output and
+    removes temporary files that killed runs left there. A NapkitError exits with status 2 and one
+    line; SIGTERM / SIGINT end the MLflow run as KILLED, keep the checkpoints and exit 143 / 130.
+    """
     if runner is None:
         runner = stage_runner(stage)
     try:
-        main_rank = init_from_env(str(cfg.get("distributed", {}).get("backend", "auto"))).is_main
-        metrics = runner(cfg)
+        with signals_raise():
+            validate_config(cfg)
+            main_rank = init_from_env(str(cfg.get("distributed", {}).get("backend", "auto"))).is_main
+            probe(cfg, stage)
+            if not main_rank:
+                metrics = runner(cfg)
+            else:
+                with stage_lock(cfg, stage):
+                    clean_stale_temps(output_dir(cfg, stage), Path(cfg.paths.artifacts) / "checkpoints",
+                                      Path(cfg.paths.get("cache", ".cache/napkit")))
+                    metrics = runner(cfg)
     except NapkitError as exc:
         print(f"napkit {stage}: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as exc:
+        print(f"napkit {stage}: {exc}; the last checkpoint is kept: rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(128 + exc.signum)
     finally:
         shutdown()
     if not metrics or not main_rank:  # one report per job, from rank 0

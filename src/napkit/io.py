@@ -23,7 +23,6 @@ from safetensors.torch import load_file, save_file
 
 from napkit.errors import NapkitError
 
-
 _HOST = socket.gethostname()
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -40,6 +39,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _stale(tmp: Path) -> bool:
+    """Whether ``tmp`` (``.<name>.<host>.<pid>.<random>.tmp``) belongs to a dead writer on this host."""
+    at = tmp.name.rfind(f".{_HOST}.")
+    owner = tmp.name[at + len(_HOST) + 2 : -len(".tmp")].split(".") if at > 0 else []
+    return len(owner) == 2 and owner[0].isdigit() and not _alive(int(owner[0]))
+
+
 def remove_stale_temps(target: Path) -> list[Path]:
     """Delete the temporary files that writers of ``target`` killed mid-write left behind.
 
@@ -48,10 +54,21 @@ def remove_stale_temps(target: Path) -> list[Path]:
     """
     removed = []
     for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
-        owner = tmp.name[len(target.name) + 2 : -len(".tmp")].rsplit(".", 2)
-        if len(owner) == 3 and owner[0] == _HOST and owner[1].isdigit() and not _alive(int(owner[1])):
+        if _stale(tmp):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
+    return removed
+
+
+def clean_stale_temps(*folders: Path) -> list[Path]:
+    """At a stage's start: delete every dead writer's temporary file in ``folders`` (a kill inside a
+    write leaves a full-size one that no later write of another file would remove)."""
+    removed = []
+    for folder in folders:
+        for tmp in Path(folder).glob(".*.tmp") if Path(folder).is_dir() else []:
+            if tmp.is_file() and _stale(tmp):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
     return removed
 
 
@@ -66,10 +83,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     remove_stale_temps(target)
     prefix = f".{target.name}.{_HOST}.{os.getpid()}."
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=target.parent)
-    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual umask-based mode
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes 0600 (and some writers, safetensors' among them, replace the file with another
+        # 0600 one): outputs get the usual umask-based mode
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -129,6 +148,15 @@ def load_torch(path: str | os.PathLike[str]) -> Any:
             f"cannot load checkpoint {p} with weights_only=True (corrupt, or it contains pickled code): "
             f"{str(exc).splitlines()[0]}; delete it to start the stage over"
         ) from exc
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse NaN / Inf in floating-point tensors, naming the first bad one (a diverged run's weights)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NapkitError(f"{what}: {name} has {bad} NaN/Inf value(s) of {t.numel()}; the run that wrote "
+                              "it diverged: rerun it (e.g. with a lower learning rate)")
 
 
 def save_tensors(

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from napkit.chex.explorer import Explorer, StepRecord
 from napkit.chex.schedule import Schedule
 from napkit.data import make_loader
+from napkit.data.datasets import dataset_fingerprint
 from napkit.errors import NapkitError
 from napkit.hashing import fingerprint
 from napkit.io import load_torch, save_torch
@@ -79,7 +80,8 @@ def train_chex(
     explorer = make_explorer(model, cfg, seed, sparsity, input_shape)
     optimizer, scheduler = build_optimizer(model, cfg, epochs)
     key = fingerprint(OmegaConf.to_container(cfg, resolve=True), epochs, batch_size, seed, sparsity,
-                      [list(p.shape) for p in model.parameters()])
+                      [list(p.shape) for p in model.parameters()],
+                      dataset_fingerprint(train_set), dataset_fingerprint(val_set))  # other data: start over
     history: list[dict[str, float]] = []
     start = 0
     state = load_torch(checkpoint) if checkpoint is not None and checkpoint.is_file() else None

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from napkit.curvature.factors import KFACFactors
 from napkit.errors import NapkitError
-from napkit.io import load_tensors, save_tensors
+from napkit.io import check_finite, load_tensors, save_tensors
 from napkit.layers import prunable_layers, weight_matrix_shape
 
 FORMAT = "napkit.kfac/1"
@@ -67,6 +67,7 @@ def save_factors(path: str | os.PathLike[str], factors: dict[str, KFACFactors], 
         header = json.dumps({"format": FORMAT, "meta": meta, "layers": layers, "fingerprint": fingerprint})
     except TypeError as exc:
         raise NapkitError(f"factor metadata must be JSON-serialisable: {exc}") from exc
+    check_finite(tensors, f"K-FAC factors for {path} (not written)")
     save_tensors(path, tensors, metadata={"napkit": header})
 
 
@@ -123,6 +124,7 @@ def load_factors(
     the first mismatch raises :class:`NapkitError` naming the layer and both shapes.
     """
     tensors = load_tensors(path)
+    check_finite(tensors, str(path))
     header = _read_header(path)
     factors = {name: _build(name, info, tensors) for name, info in header["layers"].items()}
     if model is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +83,27 @@ def create_splits(name: str, *, seed: int = 0, **kwargs: Any) -> DataSplits:
     return builder(seed=seed, **kwargs)
 
 
+def check_present(name: str, data: dict[str, Any]) -> None:
+    """Before a stage's work: the dataset's files are where ``data.root`` says, unless they may be
+    downloaded (``download: true``); MNIST's idx headers are checked too. Cheap: no decoding."""
+    root = Path(str(data.get("root", "")))
+    need: list[Path] = []
+    if name == "mnist":
+        raw = root / "MNIST" / "raw"
+        check_mnist_files(raw)
+        need = [] if data.get("download", True) else [raw / f for f in MNIST_FILES]
+    elif name == "cifar10" and data.get("format") == "imagefolder":
+        need = [root / "train", root / "test"]
+    elif name == "cifar10" and not data.get("download", True):
+        need = [root / "cifar-10-batches-py"]
+    elif name == "imagenet":
+        need = [root / "train", root / "val"]
+    for path in need:
+        if not path.exists():
+            hint = "" if name == "imagenet" else " or set data.download=true on a connected machine"
+            raise NapkitError(f"data.root={root}: {path} not found; put the {name} files there{hint}")
+
+
 # ---------------------------------------------------------------------------------------------
 # dataset classes
 
@@ -151,8 +173,30 @@ class ImageFileDataset(Dataset[Sample]):
 
     def __getitem__(self, i: int) -> Sample:
         path, label = self.samples[i]
-        with Image.open(path) as image:
-            return self.transform(image.convert("RGB")), label
+        try:
+            with Image.open(path) as image:
+                return self.transform(image.convert("RGB")), label
+        except OSError as exc:  # truncated or corrupt: name the file, not just PIL's reason
+            raise NapkitError(bad_image(path, exc)) from None
+
+
+def dataset_fingerprint(dataset: Dataset[Sample], probes: int = 64) -> str:
+    """Short hash of what a split holds: its size, the contents of up to ``probes`` evenly spaced samples,
+    and for in-memory splits every sample index (subsets) and the normalisation; for image files, every
+    path. A resume checkpoint keyed by it is not reused after the data or the data config changes."""
+    n = len(dataset)  # type: ignore[arg-type]
+    h = hashlib.sha256(f"{type(dataset).__name__}:{n}".encode())
+    if isinstance(dataset, ImageTensorDataset):
+        h.update(dataset.indices.numpy().tobytes())
+        h.update(f"{tuple(dataset.images.shape)}:{dataset.mean.tolist()}:{dataset.std.tolist()}:"
+                 f"{dataset.augment}:{dataset.seed}".encode())
+    elif isinstance(dataset, ImageFileDataset):
+        h.update(repr(dataset.samples).encode())
+        return h.hexdigest()[:16]  # reading files to probe them would cost a decode each
+    for i in sorted({round(k * (n - 1) / max(probes - 1, 1)) for k in range(probes)} if n else set()):
+        for part in dataset[i]:
+            h.update(part.numpy().tobytes() if isinstance(part, Tensor) else repr(part).encode())
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,8 +434,34 @@ def _split_off(pool: Tensor, n_val: int) -> tuple[Tensor, Tensor]:
     return pool[n_val:].sort().values, pool[:n_val].sort().values
 
 
+MNIST_FILES = {  # raw file -> (idx magic number, bytes per record after the header)
+    "train-images-idx3-ubyte": (2051, 28 * 28), "train-labels-idx1-ubyte": (2049, 1),
+    "t10k-images-idx3-ubyte": (2051, 28 * 28), "t10k-labels-idx1-ubyte": (2049, 1),
+}
+
+
+def check_mnist_files(raw: Path) -> None:
+    """Each MNIST idx file present in ``raw`` must have its idx header and the length it announces."""
+    for name, (magic, record) in MNIST_FILES.items():
+        path = raw / name
+        if not path.is_file():
+            continue
+        header_len = 16 if record > 1 else 8
+        with path.open("rb") as fh:
+            header = fh.read(header_len)
+        size = path.stat().st_size
+        found = int.from_bytes(header[:4], "big") if len(header) >= 4 else None
+        count = int.from_bytes(header[4:8], "big") if len(header) >= 8 else 0
+        if found != magic or size != header_len + count * record:
+            what = f"idx magic {found}, expected {magic}" if found != magic else \
+                f"{size} bytes, its header announces {count} records = {header_len + count * record} bytes"
+            raise NapkitError(f"corrupt MNIST file {path} ({what}); delete it and re-download it "
+                              "(data.download: true) or copy it again from the MNIST archive")
+
+
 def _load_mnist(root: str, *, train: bool, download: bool, pad: int) -> tuple[Tensor, Tensor]:
     """uint8 (N, 1, H, W) images and labels of one MNIST split, zero-padded by ``pad``."""
+    check_mnist_files(Path(root) / "MNIST" / "raw")
     try:
         found = torchvision.datasets.MNIST(root, train=train, download=download)
     except Exception as exc:  # RuntimeError when absent, URLError/OSError when a download fails
@@ -418,17 +488,14 @@ def _load_cifar_torchvision(root: str, *, train: bool, download: bool) -> tuple[
 
 
 def _decoded_cifar_folder(root: Path, split: str, cache_dir: str) -> tuple[Tensor, Tensor]:
-    """uint8 images and labels of ``root/split``, decoded once into a cache keyed by that path.
-
-    Delete the cache file (named in the folder's hash) to re-decode a folder whose images changed.
-    """
+    """uint8 images and labels of ``root/split``, decoded once into a cache keyed by that path and by
+    every image's name, size and modification time: replaced, added or removed images are decoded anew."""
     folder = root / split
     classes = ", ".join(CIFAR10_CLASSES)
     layout = f"{root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg, class folders {classes}"
     if not folder.is_dir():
         raise NapkitError(f"CIFAR-10 image folder {folder} not found; expected layout {layout}")
-    key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:16]
-    cache = Path(cache_dir) / f"cifar10-{split}-{key}.pt"
+    cache = Path(cache_dir) / f"cifar10-{split}-{folder_fingerprint(folder)}.pt"
     if cache.is_file():
         data = load_torch(cache)
         return data["images"], data["labels"]
@@ -439,6 +506,25 @@ def _decoded_cifar_folder(root: Path, split: str, cache_dir: str) -> tuple[Tenso
     labels = torch.tensor(found.targets)
     save_torch(cache, {"images": images, "labels": labels})
     return images, labels
+
+
+def bad_image(path: str | Path, exc: Exception) -> str:
+    """The one-line error for an image file PIL cannot read."""
+    return (f"cannot decode image {path} ({_first_line(exc)}); the file is truncated or corrupt: delete it, "
+            "or re-extract the dataset archive")
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """Hash of a folder's path and every file's relative path, size and mtime (ns) below it: changes
+    when any file is replaced, added or removed, without reading the files."""
+    h = hashlib.sha1(str(folder.resolve()).encode())
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in sorted(filenames):
+            st = os.stat(os.path.join(dirpath, name))
+            h.update(f"{os.path.relpath(os.path.join(dirpath, name), folder)}:{st.st_size}:{st.st_mtime_ns}\n"
+                     .encode())
+    return h.hexdigest()[:16]
 
 
 def _image_folder(folder: Path, layout: str) -> torchvision.datasets.ImageFolder:
@@ -459,7 +545,7 @@ def _decode_images(paths: list[str], *, shape: tuple[int, int, int]) -> Tensor:
             with Image.open(path) as image:
                 pixels = np.asarray(image.convert("RGB"))
         except OSError as exc:
-            raise NapkitError(f"cannot decode image {path}: {exc}") from exc
+            raise NapkitError(bad_image(path, exc)) from None
         if pixels.shape != images.shape[1:]:
             raise NapkitError(f"image {path} has shape {pixels.shape} (H, W, C); expected {images.shape[1:]}")
         images[i] = pixels

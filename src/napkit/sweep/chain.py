@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from napkit.data import data_fingerprint
 from napkit.io import read_json, write_json
 from napkit.provenance import code_version
+from napkit.schema import validate_config
 from napkit.errors import unknown_choice
 from napkit.stages import FLOWS, stage_runner
 from napkit.stages.common import stage_dir
@@ -187,6 +188,7 @@ def run_chain(cfg: DictConfig, *, stages: Sequence[str] | None = None, parent_ru
     ``parent_run_id`` makes the run a child of a sweep's parent run. ``catch=True`` (multirun)
     turns a failing stage into a FAILED run and a returned result instead of an exception.
     """
+    validate_config(cfg)  # a bad value fails here, in one line, before any job's work
     cfg = prepare(cfg)
     stages = flow(cfg) if stages is None else stages
     result = ChainResult()

@@ -261,7 +261,8 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageTracker]:
         yield tracker
     except BaseException as exc:
         tracker.set_tags({f"napkit.error.{stage}": str(exc)[:5000]})
-        tracker._call(lambda: tracker.client.set_terminated(tracker.run_id, status="FAILED"))
+        status = end_status(exc)
+        tracker._call(lambda: tracker.client.set_terminated(tracker.run_id, status=status))
         raise
     tracker.set_tags({f"napkit.stage.{stage}": "done"})
     tracker._call(lambda: tracker.client.set_terminated(tracker.run_id, status="FINISHED"))
@@ -274,6 +275,13 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageTracker]:
     else:
         marker.unlink(missing_ok=True)  # tracked now: an older pending upload is obsolete
         log.info("%s: tracked in MLflow run %s (%s)", stage, tracker.run_id, uri)
+
+
+def end_status(exc: BaseException) -> str:
+    """The MLflow status of a run a stage left by ``exc``: KILLED for a signal or Ctrl-C, else FAILED."""
+    from napkit.errors import Interrupted
+
+    return "KILLED" if isinstance(exc, Interrupted | KeyboardInterrupt) else "FAILED"
 
 
 def pending_path(cfg: DictConfig, stage: str) -> Path:

@@ -25,6 +25,14 @@ def resolve_device(name: str) -> torch.device:
         raise NapkitError(f"unknown device {name!r}; valid choices: auto, cpu, cuda, cuda:N") from exc
 
 
+def first_nonfinite(model: nn.Module) -> str:
+    """``" (layer X has NaN/Inf weights)"`` for the first such parameter, else ``""``: where it diverged."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            return f" ({name.rsplit('.', 1)[0]} has NaN/Inf weights)"
+    return ""
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -54,7 +62,9 @@ def train_one_epoch(
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         if not math.isfinite(loss.item()):
-            raise NapkitError(f"{desc}: loss became {loss.item()} (try a lower learning rate); stopped")
+            where = first_nonfinite(plain)
+            raise NapkitError(f"{desc}: loss became {loss.item()}{where} (try a lower learning rate); "
+                              "stopped")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if masks is not None:
