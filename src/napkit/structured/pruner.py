@@ -9,7 +9,7 @@ at the first channel that reaches the target.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,11 +17,17 @@ from torch import Tensor, nn
 
 from napkit.curvature import KFACFactors
 from napkit.errors import NapkitError, unknown_choice
-from napkit.evaluation.cost import layer_flops
-from napkit.layers import modes_kept
 from napkit.pruning.allocation import CannotPruneFurther
 from napkit.structured.blocks import BRANCH, INNER, block_of, bottlenecks
-from napkit.structured.groups import ChannelGroup, channel_groups, in_channels, rows
+from napkit.structured.flops import module_flops
+from napkit.structured.groups import (
+    ChannelGroup,
+    channel_groups,
+    in_channels,
+    rows,
+    trace_groups,
+    warn_unpruned,
+)
 from napkit.structured.importance import ChannelImportance, ScoreInputs, channel_importance_class
 from napkit.structured.latency import LatencyTable
 from napkit.structured.surgery import apply
@@ -31,9 +37,8 @@ ALLOCATIONS = ("global", "uniform")
 
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, dict[str, int]]:
-    """:func:`layer_flops` without leaving the model in eval mode."""
-    with modes_kept(model):
-        return layer_flops(model, input_shape)
+    """Total FLOPs and those of every Conv2d / Linear (depthwise too), modes kept (:func:`module_flops`)."""
+    return module_flops(model, input_shape)
 
 
 def count_params(model: nn.Module) -> int:
@@ -72,6 +77,8 @@ class CostModel:
             for c in g.consumers:
                 members.setdefault(c.name, [len(groups), len(groups)])[1] = i
                 block[c.name] = c.block
+            for d in g.depthwise:  # rows of the group, one fixed input unit: FLOPs linear in the channels
+                members.setdefault(d, [len(groups), len(groups)])[0] = i
         self.layers = self._layers(model, members, block, flops[1])
         norms = [(i, n, model.get_submodule(n)) for i, g in enumerate(groups) for n in g.norms]
         self.norm_group = torch.tensor([i for i, _, _ in norms], dtype=torch.long)
@@ -156,6 +163,8 @@ class StructuredPruner:
     lets a torchvision bottleneck's conv1 or conv2 group lose every channel, which removes the block
     (:mod:`~napkit.structured.blocks`); with a latency table, such a channel is priced at the larger of
     its own saving and its share of the whole block's time, the per-layer cost only depth removal frees.
+    ``ignore`` lists module-name prefixes left unpruned (``prune.ignore``); groups whose channel coupling
+    napkit does not understand are left unpruned too, named in one :class:`UnprunedLayersWarning`.
     """
 
     def __init__(
@@ -175,6 +184,7 @@ class StructuredPruner:
         damping: float = 0.1,
         latency: LatencyTable | None = None,
         remove_blocks: bool = False,
+        ignore: Sequence[str] = (),
     ) -> None:
         self.importance = _criterion(importance, damping)
         if latency is not None and getattr(self.importance, "per_flop", False):
@@ -192,9 +202,14 @@ class StructuredPruner:
         self.input_shape, self.step_fraction, self.allocation = input_shape, step_fraction, allocation
         self.min_channels, self.max_group_sparsity = min_channels, max_group_sparsity
         self.factors_provider = factors_provider
-        groups = channel_groups(dense)
+        self.ignore = tuple(ignore)
+        tracing = trace_groups(dense, self.ignore)
+        groups = tracing.groups
         if not groups:
-            raise NapkitError(f"{type(dense).__name__} has no prunable channel groups")
+            why = sorted({r for reasons in tracing.unpruned.values() for r in reasons})
+            raise NapkitError(f"{type(dense).__name__} has no prunable channel groups (ignore={list(self.ignore)}; "
+                              f"its channels meet: {'; '.join(why[:10]) or 'no Conv2d/Linear layers'})")
+        warn_unpruned(tracing)
         self.dense_groups = groups
         self._dense_group = {p: g for g in groups for p in g.producers}
         self.blocks = bottlenecks(dense) if remove_blocks else []
@@ -211,7 +226,7 @@ class StructuredPruner:
 
     def density(self, model: nn.Module) -> dict[str, float]:
         """Kept share of every dense group's channels in ``model`` (0 for a removed block's groups)."""
-        kept = {self.dense_group(g).id: g.size for g in channel_groups(model)}
+        kept = {self.dense_group(g).id: g.size for g in channel_groups(model, self.ignore)}
         return {g.id: kept.get(g.id, 0) / g.size for g in self.dense_groups}
 
     def _floor(self, group: ChannelGroup) -> int:
@@ -265,7 +280,7 @@ class StructuredPruner:
 
     def __call__(self, model: nn.Module, iteration: int) -> nn.Module:
         """A new, smaller model; ``model`` itself when it already meets the target."""
-        groups = channel_groups(model)
+        groups = channel_groups(model, self.ignore)
         flops = count_flops(model, self.input_shape)
         factors = self.factors_provider(model, iteration) if self.importance.needs_curvature else None
         scores = self.importance(model, groups, ScoreInputs(factors, flops[1]))

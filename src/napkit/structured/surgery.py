@@ -1,4 +1,4 @@
-"""Physical channel removal: smaller Conv2d / BatchNorm / Linear layers in a model of the same class.
+"""Physical channel removal: smaller Conv2d (depthwise too) / BatchNorm / Linear layers in a model of the same class.
 
 A pruned model is described by :func:`channel_counts` (out channels per producer; 0 for the inner
 convs of a bottleneck reduced to its shortcut), so it can be rebuilt without pickled code:
@@ -40,6 +40,12 @@ def _slice_rows(layer: nn.Module, keep: Tensor) -> None:
         layer.out_channels = len(keep)
     else:
         layer.out_features = len(keep)
+
+
+def _slice_depthwise(conv: nn.Conv2d, keep: Tensor) -> None:
+    """Keep channels ``keep`` of a depthwise conv: its filters, and its groups with them."""
+    _slice_rows(conv, keep)
+    conv.in_channels = conv.groups = len(keep)
 
 
 def _slice_norm(norm: nn.Module, keep: Tensor) -> None:
@@ -90,6 +96,8 @@ def prune_channels(model: nn.Module, group: ChannelGroup, keep: Tensor | Sequenc
         _slice_rows(model.get_submodule(name), idx)
     for name in group.norms:
         _slice_norm(model.get_submodule(name), idx)
+    for name in group.depthwise:
+        _slice_depthwise(model.get_submodule(name), idx)
     for c in group.consumers:
         _slice_columns(model.get_submodule(c.name), idx, c.block)
 
