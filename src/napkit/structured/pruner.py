@@ -209,7 +209,7 @@ class StructuredPruner:
             why = sorted({r for reasons in tracing.unpruned.values() for r in reasons})
             raise NapkitError(f"{type(dense).__name__} has no prunable channel groups (ignore={list(self.ignore)}; "
                               f"its channels meet: {'; '.join(why[:10]) or 'no Conv2d/Linear layers'})")
-        warn_unpruned(tracing)
+        self.unpruned = warn_unpruned(tracing)  # producers left unpruned by a coupling napkit cannot prune
         self.dense_groups = groups
         self._dense_group = {p: g for g in groups for p in g.producers}
         self.blocks = bottlenecks(dense) if remove_blocks else []
