@@ -5,7 +5,8 @@ tensors, and a *layout* saying where that index is: dim 1 of a feature map (``sp
 ``H*W`` columns of a flattened map (``flat``), dim 1 of a 2-D vector (``vector``) or the last dim of
 a token / channels-last tensor (``last``, what a Linear reads and writes). A Conv2d/Linear output
 opens a new space with that layer as its producer; per-channel and elementwise ops (BatchNorm,
-activations, pooling, dropout, stochastic depth, flatten) keep their input's space; a depthwise conv
+activations, pooling or a mean over H and W, dropout, stochastic depth, flatten, NCHW <-> NHWC
+permutes) keep their input's space; a depthwise conv
 (``groups == in == out channels``) keeps it too, its filters removed with their channels; the sum or
 product of two tensors merges their spaces, which couples ResNet's residual stream and a
 squeeze-and-excitation block's scale with the channels it scales (the SE's hidden units are a group
@@ -257,7 +258,15 @@ class _Tracer:
         if target in _POOL_FUNCTIONS and len(args) == 1 and args[0].layout == SPATIAL:
             return args[0]
         if target in _BINARY or (method and target in ("add", "add_", "mul", "mul_")):
-            return self.binary(args, node.name)
+            return self.binary(args, _describe(node))
+        if (target is torch.permute or target == "permute") and len(args) == 1:
+            layout = _PERMUTED.get((args[0].layout, _dims(node)))
+            if layout is not None:  # NCHW <-> NHWC: the channels move to / from the last dim
+                return _Value(args[0].space, layout)
+        if (target is torch.mean or target == "mean") and len(args) == 1 and args[0].layout == SPATIAL:
+            keep = _spatial_mean(node)
+            if keep is not None:  # global average pooling written as a mean over H and W
+                return _Value(args[0].space, SPATIAL if keep else VECTOR)
         if (target is torch.flatten or target == "flatten") and _flattens_channels(node) and len(args) == 1:
             return self.flattened(args[0], node.name)
         return self.unknown(args, _describe(node))
@@ -307,6 +316,25 @@ def _flattens_channels(node: fx.Node) -> bool:
     start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
     end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
     return (start, end) == (1, -1)
+
+
+_PERMUTED = {(SPATIAL, (0, 2, 3, 1)): LAST, (LAST, (0, 3, 1, 2)): SPATIAL}
+
+
+def _dims(node: fx.Node) -> tuple[int, ...]:
+    """The dims of ``torch.permute(x, dims)`` / ``x.permute(*dims)``."""
+    rest = node.args[1:] or (node.kwargs.get("dims"),)
+    dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+    return tuple(dims) if all(isinstance(d, int) for d in dims) else ()
+
+
+def _spatial_mean(node: fx.Node) -> bool | None:
+    """``x.mean((2, 3))`` / ``torch.mean(x, [-2, -1], keepdim)``: its keepdim; None for another mean."""
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if not isinstance(dims, (list, tuple)) or {d % 4 if isinstance(d, int) else d for d in dims} != {2, 3}:
+        return None
+    return bool(keep)
 
 
 def _norm_fits(module: nn.Module, layout: str) -> bool:

@@ -52,11 +52,11 @@ def torchvision_models() -> list[str]:
 
 def build(name: str) -> tuple[nn.Module, int]:
     """Randomly initialised torchvision classifier ``name`` and the input size it runs at."""
-    if name in _PATCH:  # ViTs take their image size as an argument; keep a 4x4 patch grid
-        size = 4 * _PATCH[name]
+    if name in _PATCH:  # ViTs take their image size as an argument; keep a 2x2 patch grid
+        size = 2 * _PATCH[name]
         return torchvision.models.get_model(name, weights=None, image_size=size), size
     size = _SIZES.get(name, INPUT_SIZE)
-    kwargs = {"input_size": size} if name == "maxvit_t" else {}
+    kwargs = {"input_size": (size, size)} if name == "maxvit_t" else {}
     return torchvision.models.get_model(name, weights=None, **kwargs), size
 
 

@@ -1,0 +1,213 @@
+"""Structured pruning across torchvision's families: new couplings are exact, the rest is left unpruned."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torchvision import models as tvm
+from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+from torchvision.models.efficientnet import EfficientNet, MBConvConfig
+from torchvision.models.swin_transformer import SwinTransformer
+from torchvision.models.vision_transformer import VisionTransformer
+
+from napkit.errors import NapkitError
+from napkit.structured import (
+    ChannelGroup,
+    CostModel,
+    StructuredPruner,
+    apply,
+    channel_counts,
+    count_flops,
+    count_params,
+    slim_to,
+)
+from napkit.structured.groups import UnprunedLayersWarning, trace_groups
+from napkit.structured.zoo import check_model, main
+
+# one model per family at the zoo's input sizes (ViT a 2x2 patch grid, the rest 64 px); Swin needs 224 px
+# to reach 2x (every stage is padded to whole windows), so CI checks it on a tiny instance below
+FAMILIES = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "shufflenet_v2_x1_0",
+            "densenet121", "regnet_y_400mf", "vit_b_32"]
+
+
+def tiny(name: str) -> nn.Module:
+    """Small instances of each coupling: SE + depthwise, LayerNorm-coupled MLPs, attention, shuffle."""
+    torch.manual_seed(0)
+    if name == "convnext":
+        return ConvNeXt([CNBlockConfig(8, 16, 2), CNBlockConfig(16, None, 1)], num_classes=5)
+    if name == "vit":
+        return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                                 mlp_dim=24, num_classes=5)
+    if name == "swin":
+        return SwinTransformer([4, 4], 8, [1, 1], [1, 2], [2, 2], num_classes=5)
+    if name == "mobilenet_v3_small":
+        return tvm.mobilenet_v3_small(width_mult=0.25, num_classes=5)
+    if name == "efficientnet":
+        setting = [MBConvConfig(1, 3, 1, 16, 8, 1), MBConvConfig(6, 5, 2, 8, 16, 2)]
+        return EfficientNet(setting, dropout=0.2, stochastic_depth_prob=0.2, num_classes=5)
+    return tvm.get_model(name, num_classes=5)
+
+
+TINY = ["mobilenet_v3_small", "efficientnet", "convnext", "vit", "swin", "shufflenet_v2_x0_5",
+        "regnet_y_400mf", "mnasnet0_5"]
+
+
+def randomize(model: nn.Module, gen: torch.Generator) -> None:
+    """Non-trivial BatchNorm statistics and affine terms, so eval-mode normalisation matters."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n, dtype = m.num_features, m.weight.dtype
+            m.weight.data = torch.rand(n, generator=gen, dtype=dtype) + 0.5
+            m.bias.data = torch.randn(n, generator=gen, dtype=dtype)
+            m.running_mean = torch.randn(n, generator=gen, dtype=dtype) * 0.1
+            m.running_var = torch.rand(n, generator=gen, dtype=dtype) + 0.5
+        elif isinstance(m, nn.Linear) and m.bias is not None:
+            m.bias.data = torch.randn(m.bias.shape, generator=gen, dtype=m.bias.dtype) * 0.1
+
+
+def random_plan(groups: list[ChannelGroup], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    return {g.id: torch.randperm(g.size, generator=gen)[: int(torch.randint(1, g.size, (1,), generator=gen))]
+            for g in groups}
+
+
+def masked(model: nn.Module, groups: list[ChannelGroup], plan: dict[str, torch.Tensor]) -> nn.Module:
+    """Zero the removed channels instead: producer rows and bias, depthwise filters, norm weight and bias."""
+    out = copy.deepcopy(model)
+    for g in groups:
+        gone = torch.ones(g.size, dtype=torch.bool)
+        gone[plan[g.id]] = False
+        for name in g.producers + g.depthwise + g.norms:
+            m = out.get_submodule(name)
+            for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
+                if p is not None:
+                    p.data[gone] = 0.0
+    return out
+
+
+def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_prunes_to_half_the_flops_and_runs(name: str) -> None:
+    row = check_model(name)
+    assert row.ok, row
+    assert 2.0 <= row.flops_reduction < 2.2  # the step stops at the first channel reaching the target
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_removal_equals_masking(name: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    model = tiny(name).double().eval()
+    randomize(model, gen)
+    tracing = trace_groups(model)
+    assert tracing.groups, "every family has prunable groups"
+    plan = random_plan(tracing.groups, gen)
+    pruned = apply(model, plan, groups=tracing.groups)
+    assert count_params(pruned) < count_params(model)
+    x = torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(run(pruned, x), run(masked(model, tracing.groups, plan), x), rtol=1e-9, atol=1e-10)
+
+
+def test_couplings_land_in_the_right_groups() -> None:
+    groups = {g.id: g for g in trace_groups(tiny("mobilenet_v3_small")).groups}
+    # block 1: SE scale (fc2) coupled with the stem conv, through the depthwise conv
+    stem = groups["features.0.0"]
+    assert stem.producers == ("features.0.0", "features.1.block.1.fc2")
+    assert stem.depthwise == ("features.1.block.0.0",)
+    assert [c.name for c in stem.consumers] == ["features.1.block.1.fc1", "features.1.block.2.0"]
+    assert groups["features.1.block.1.fc1"].consumers[0].name == "features.1.block.1.fc2"  # SE hidden units
+    vit = {g.id: g for g in trace_groups(tiny("vit")).groups}
+    assert list(vit) == ["encoder.layers.encoder_layer_0.mlp.0", "encoder.layers.encoder_layer_1.mlp.0"]
+    assert vit["encoder.layers.encoder_layer_0.mlp.0"].consumers[0].block == 1
+
+
+def test_cost_model_counts_depthwise_convs_exactly() -> None:
+    model = tiny("mobilenet_v3_small")
+    shape = (1, 3, 32, 32)
+    groups = trace_groups(model).groups
+    plan = random_plan(groups, torch.Generator().manual_seed(2))
+    pruned = apply(model, plan, groups=groups)
+    removed = torch.tensor([g.size - len(plan[g.id]) for g in groups])
+    cost = CostModel(model, groups, count_flops(model, shape)).cost(removed)
+    assert cost == (count_params(pruned), count_flops(pruned, shape)[0])
+
+
+def test_rebuild_depthwise_model_from_counts() -> None:
+    gen = torch.Generator().manual_seed(3)
+    model = tiny("mobilenet_v3_small").eval()
+    pruned = apply(model, random_plan(trace_groups(model).groups, gen))
+    rebuilt = slim_to(tiny("mobilenet_v3_small"), channel_counts(pruned))
+    rebuilt.load_state_dict(pruned.state_dict())
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    assert torch.equal(run(rebuilt, x), run(pruned, x))
+
+
+def test_unsupported_coupling_is_one_warning_naming_the_layers() -> None:
+    model = tiny("convnext")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruner = StructuredPruner("l1", model, input_shape=(1, 3, 32, 32), step_fraction=0.5)
+    found = [w for w in caught if issubclass(w.category, UnprunedLayersWarning)]
+    assert len(found) == 1
+    message = str(found[0].message)
+    assert "LayerNorm features.3.0.block.2" in message and "features.0.0" in message
+    assert pruner.unpruned and "features.0.0" in pruner.unpruned
+    pruned = pruner(model, 0)  # the MLP hidden units still go
+    assert pruned.features[1][0].block[3].out_features < 32
+    assert run(pruned, torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+def test_ignore_leaves_those_layers_untouched() -> None:
+    model = tiny("mobilenet_v3_small")
+    ignore = ["features.1", "features.2.block.1"]
+    tracing = trace_groups(model, ignore)
+    members = [m for g in tracing.groups for m in g.producers + g.depthwise + g.norms]
+    members += [c.name for g in tracing.groups for c in g.consumers]
+    assert not [m for m in members if m.startswith(("features.1.", "features.2.block.1."))]
+    assert "features.0.0" in tracing.unpruned  # coupled with features.1 through its depthwise conv
+    assert len(tracing.groups) < len(trace_groups(model).groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnprunedLayersWarning)  # ignoring on purpose is no warning
+        pruner = StructuredPruner("l1", model, input_shape=(1, 3, 32, 32), step_fraction=0.5, ignore=ignore)
+    pruned = pruner(model, 0)
+    for name, m in model.named_modules():
+        if name.startswith(("features.1.", "features.2.block.1.")) and hasattr(m, "weight"):
+            assert pruned.get_submodule(name).weight.shape == m.weight.shape, name
+
+
+class _Shared(nn.Module):
+    """A conv applied twice (shared weights) next to an ordinary prunable pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.shared = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 4, 3), nn.Conv2d(4, 4, 1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.shared(self.shared(self.b(torch.relu(self.a(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_shared_layer_freezes_only_its_groups() -> None:
+    tracing = trace_groups(_Shared())
+    assert [g.id for g in tracing.groups] == ["a"]
+    assert any("runs twice" in r for r in tracing.unpruned["b"])
+
+
+def test_model_without_prunable_groups_fails_clearly() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 6, 6]), nn.Flatten(), nn.Linear(144, 2))
+    with pytest.raises(NapkitError, match="no prunable channel groups.*LayerNorm"):
+        StructuredPruner("l1", model, input_shape=(1, 3, 8, 8), step_fraction=0.5)
+
+
+def test_zoo_cli_prints_count_last(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--models", "resnet18", "mobilenet_v3_small"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "zoo_ok=2/2"
+    assert lines[1].split()[:2] == ["resnet18", "ok"]
