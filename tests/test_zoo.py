@@ -44,6 +44,8 @@ def tiny(name: str) -> nn.Module:
                                  mlp_dim=24, num_classes=5)
     if name == "swin":
         return SwinTransformer([4, 4], 8, [1, 1], [1, 2], [2, 2], num_classes=5)
+    if name == "resnext":
+        return tvm.ResNet(tvm.resnet.Bottleneck, [1, 1, 1, 1], num_classes=5, groups=4, width_per_group=4)
     if name == "mobilenet_v3_small":
         return tvm.mobilenet_v3_small(width_mult=0.25, num_classes=5)
     if name == "efficientnet":
@@ -53,7 +55,7 @@ def tiny(name: str) -> nn.Module:
 
 
 TINY = ["mobilenet_v3_small", "efficientnet", "convnext", "vit", "swin", "shufflenet_v2_x0_5",
-        "regnet_y_400mf", "mnasnet0_5"]
+        "regnet_y_400mf", "mnasnet0_5", "resnext", "regnet_x_400mf"]
 
 
 def randomize(model: nn.Module, gen: torch.Generator) -> None:
@@ -70,8 +72,13 @@ def randomize(model: nn.Module, gen: torch.Generator) -> None:
 
 
 def random_plan(groups: list[ChannelGroup], gen: torch.Generator) -> dict[str, torch.Tensor]:
-    return {g.id: torch.randperm(g.size, generator=gen)[: int(torch.randint(1, g.size, (1,), generator=gen))]
-            for g in groups}
+    """A random proper subset of every group; the same positions of every block of a folded group."""
+    plan = {}
+    for g in groups:
+        width = g.size // g.fold
+        keep = torch.randperm(width, generator=gen)[: int(torch.randint(1, width, (1,), generator=gen))]
+        plan[g.id] = (torch.arange(g.fold)[:, None] * width + keep).reshape(-1)
+    return plan
 
 
 def masked(model: nn.Module, groups: list[ChannelGroup], plan: dict[str, torch.Tensor]) -> nn.Module:
@@ -105,7 +112,7 @@ def test_removal_equals_masking(name: str) -> None:
     gen = torch.Generator().manual_seed(1)
     model = tiny(name).double().eval()
     randomize(model, gen)
-    tracing = trace_groups(model)
+    tracing = trace_groups(model, grouped=True)
     assert tracing.groups, "every family has prunable groups"
     plan = random_plan(tracing.groups, gen)
     pruned = apply(model, plan, groups=tracing.groups)
@@ -127,10 +134,12 @@ def test_couplings_land_in_the_right_groups() -> None:
     assert vit["encoder.layers.encoder_layer_0.mlp.0"].consumers[0].block == 1
 
 
-def test_cost_model_counts_depthwise_convs_exactly() -> None:
-    model = tiny("mobilenet_v3_small")
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext"])
+def test_cost_model_counts_depthwise_and_grouped_convs_exactly(name: str) -> None:
+    model = tiny(name)
     shape = (1, 3, 32, 32)
-    groups = trace_groups(model).groups
+    groups = trace_groups(model, grouped=True).groups
+    assert any(g.depthwise for g in groups) or any(g.fold > 1 for g in groups)
     plan = random_plan(groups, torch.Generator().manual_seed(2))
     pruned = apply(model, plan, groups=groups)
     removed = torch.tensor([g.size - len(plan[g.id]) for g in groups])
@@ -138,11 +147,12 @@ def test_cost_model_counts_depthwise_convs_exactly() -> None:
     assert cost == (count_params(pruned), count_flops(pruned, shape)[0])
 
 
-def test_rebuild_depthwise_model_from_counts() -> None:
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext"])
+def test_rebuild_depthwise_and_grouped_models_from_counts(name: str) -> None:
     gen = torch.Generator().manual_seed(3)
-    model = tiny("mobilenet_v3_small").eval()
-    pruned = apply(model, random_plan(trace_groups(model).groups, gen))
-    rebuilt = slim_to(tiny("mobilenet_v3_small"), channel_counts(pruned))
+    model = tiny(name).eval()
+    pruned = apply(model, random_plan(trace_groups(model, grouped=True).groups, gen))
+    rebuilt = slim_to(tiny(name), channel_counts(pruned))
     rebuilt.load_state_dict(pruned.state_dict())
     x = torch.randn(2, 3, 32, 32, generator=gen)
     assert torch.equal(run(rebuilt, x), run(pruned, x))
@@ -211,3 +221,26 @@ def test_zoo_cli_prints_count_last(capsys: pytest.CaptureFixture[str]) -> None:
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == "zoo_ok=2/2"
     assert lines[1].split()[:2] == ["resnet18", "ok"]
+
+
+def test_grouped_convs_couple_evenly_and_only_when_asked() -> None:
+    model = tiny("resnext")  # layer1.0.conv2: 16 -> 16 channels in 4 groups
+    plain = trace_groups(model)
+    assert "layer1.0.conv1" in plain.unpruned and any("Conv2d layer1.0.conv2" in r
+                                                      for r in plain.unpruned["layer1.0.conv1"])
+    groups = {g.id: g for g in trace_groups(model, grouped=True).groups}
+    inner = groups["layer1.0.conv1"]
+    assert (inner.fold, [c.name for c in inner.consumers]) == (4, ["layer1.0.conv2"])
+    assert groups["layer1.0.conv2"].fold == 4
+    uneven = torch.arange(1, 16)  # drops channel 0 of the first block only
+    with pytest.raises(NapkitError, match="same channels in each of its 4 blocks"):
+        apply(model, {"layer1.0.conv1": uneven})
+
+
+def test_l1_step_prunes_grouped_convs_evenly() -> None:
+    model = tiny("resnext").eval()
+    pruner = StructuredPruner("l1", model, input_shape=(1, 3, 32, 32), step_fraction=0.5, allocation="uniform")
+    pruned = pruner(model, 0)
+    conv = pruned.layer1[0].conv2
+    assert conv.groups == 4 and conv.in_channels == conv.out_channels == 8  # half of each group's 4 channels
+    assert run(pruned, torch.randn(1, 3, 32, 32)).shape == (1, 5)

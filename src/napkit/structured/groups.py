@@ -10,7 +10,10 @@ permutes) keep their input's space; a depthwise conv
 (``groups == in == out channels``) keeps it too, its filters removed with their channels; the sum or
 product of two tensors merges their spaces, which couples ResNet's residual stream and a
 squeeze-and-excitation block's scale with the channels it scales (the SE's hidden units are a group
-of their own). Every Conv2d/Linear that reads a space is a consumer of its channels, in blocks of
+of their own). A grouped conv (``groups = g``) is a producer and a consumer too, but its channel
+groups must stay equal: both its spaces get ``fold = g`` (the lcm over such convs), and a channel
+goes only together with the channels at the same position in every one of the g blocks (torchvision's
+ResNeXt and RegNet). Every Conv2d/Linear that reads a space is a consumer of its channels, in blocks of
 consecutive columns of ``W_h = weight.view(d_out, -1)``: ``kh*kw`` for a conv, ``H*W`` for a Linear
 after a flatten of ``C x H x W`` features, 1 for a Linear reading its last dim (an MLP's hidden units:
 ViT, Swin, ConvNeXt).
@@ -23,6 +26,7 @@ named in one warning by :func:`warn_unpruned`, while every other group of the mo
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from collections.abc import Iterator, Sequence
@@ -74,7 +78,9 @@ class ChannelGroup:
 
     ``id`` is the first producer's name; a group with several producers is a coupled (residual) group.
     ``depthwise`` convs carry each channel through its own filter: they lose the group's channels as
-    whole filters (rows), like a BatchNorm, and have no curvature terms of their own.
+    whole filters (rows), like a BatchNorm, and have no curvature terms of their own. ``fold = g > 1``
+    (a grouped conv among the members) splits the channels into g equal blocks: channel ``j * size/g
+    + p`` is removed together with the channels at position p of every other block.
     """
 
     id: str
@@ -83,6 +89,7 @@ class ChannelGroup:
     norms: tuple[str, ...]
     consumers: tuple[Consumer, ...]
     depthwise: tuple[str, ...] = ()
+    fold: int = 1
 
     @property
     def coupled(self) -> bool:
@@ -107,6 +114,7 @@ class _Space:
     depthwise: list[str] = field(default_factory=list)
     norms: list[str] = field(default_factory=list)
     readers: list[tuple[str, str]] = field(default_factory=list)  # (consumer name, input layout)
+    fold: int = 1
 
     def members(self) -> Iterator[str]:
         yield from self.producers
@@ -126,10 +134,17 @@ def is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels
 
 
+def is_grouped(module: nn.Module) -> bool:
+    """A grouped Conv2d (1 < groups, not depthwise) without dilation, which napkit prunes group-evenly."""
+    return (isinstance(module, nn.Conv2d) and module.groups > 1 and not is_depthwise(module)
+            and tuple(module.dilation) == (1, 1))
+
+
 class _Tracer:
     """Walks an fx graph and assigns channel spaces to its tensors."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, grouped: bool) -> None:
+        self.grouped = grouped
         self.modules = dict(model.named_modules())
         self.spaces: list[_Space] = []
         self.values: dict[fx.Node, _Value] = {}
@@ -162,6 +177,7 @@ class _Tracer:
         keep.depthwise += gone.depthwise
         keep.norms += gone.norms
         keep.readers += gone.readers
+        keep.fold = math.lcm(keep.fold, gone.fold)
 
     def freeze(self, reason: str, *values: _Value) -> None:
         for v in values:
@@ -223,6 +239,12 @@ class _Tracer:
             if isinstance(module, nn.Conv2d) and is_prunable(module):
                 self.read(x, name, SPATIAL)
                 return self.new(SPATIAL, producer=name)
+            if self.grouped and is_grouped(module) and x.layout == SPATIAL:
+                self.read(x, name, SPATIAL)
+                self.space(x).fold = math.lcm(self.space(x).fold, module.groups)
+                out = self.new(SPATIAL, producer=name)
+                self.space(out).fold = module.groups
+                return out
             if isinstance(module, nn.Linear):
                 self.read(x, name, FLAT, VECTOR, LAST)
                 return self.new(VECTOR if x.layout in (FLAT, VECTOR) else LAST, producer=name)
@@ -358,19 +380,20 @@ def _ignored(name: str, ignore: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in ignore)
 
 
-def trace_groups(model: nn.Module, ignore: Sequence[str] = ()) -> Tracing:
+def trace_groups(model: nn.Module, ignore: Sequence[str] = (), *, grouped: bool = False) -> Tracing:
     """Every prunable channel group of ``model`` (in module order of the first producer), and the
     producers left unpruned with the reasons.
 
     ``ignore`` lists module-name prefixes the user wants untouched: every group with a member under
-    one of them is left unpruned. Raises NapkitError when the model cannot be traced or its shapes
-    disagree.
+    one of them is left unpruned. ``grouped=True`` prunes through grouped convs (group-evenly); off by
+    default, as napkit estimates no K-FAC factors for grouped convs (NAP cannot score them). Raises
+    NapkitError when the model cannot be traced or its shapes disagree.
     """
     try:
         graph = _LeafTracer().trace(model)
     except Exception as exc:  # fx raises many types for untraceable control flow
         raise NapkitError(f"cannot trace {type(model).__name__} with torch.fx: {exc}") from exc
-    tracer = _Tracer(model)
+    tracer = _Tracer(model, grouped)
     tracer.run(graph)
     order = {name: i for i, name in enumerate(tracer.modules)}
     groups, unpruned = [], {}
@@ -379,6 +402,9 @@ def trace_groups(model: nn.Module, ignore: Sequence[str] = ()) -> Tracing:
             continue
         if any(_ignored(m, ignore) for m in s.members()):
             s.frozen.add(IGNORED)
+        size = rows(model.get_submodule(s.producers[0]))
+        if size % s.fold:
+            s.frozen.add(f"conv groups that do not tile {size} channels (lcm {s.fold})")
         if s.frozen:
             unpruned.update({p: tuple(sorted(s.frozen)) for p in s.producers})
         else:
@@ -387,9 +413,9 @@ def trace_groups(model: nn.Module, ignore: Sequence[str] = ()) -> Tracing:
                    {p: unpruned[p] for p in sorted(unpruned, key=order.__getitem__)})
 
 
-def channel_groups(model: nn.Module, ignore: Sequence[str] = ()) -> list[ChannelGroup]:
+def channel_groups(model: nn.Module, ignore: Sequence[str] = (), *, grouped: bool = False) -> list[ChannelGroup]:
     """Every prunable channel group of ``model`` (see :func:`trace_groups`)."""
-    return trace_groups(model, ignore).groups
+    return trace_groups(model, ignore, grouped=grouped).groups
 
 
 def warn_unpruned(tracing: Tracing, *, limit: int = 40) -> list[str]:
@@ -426,7 +452,7 @@ def _group(model: nn.Module, space: _Space, order: dict[str, int]) -> ChannelGro
         space.readers, key=lambda r: order[r[0]]))
     norms = tuple(sorted(space.norms, key=order.__getitem__))
     depthwise = tuple(sorted(space.depthwise, key=order.__getitem__))
-    return ChannelGroup(producers[0], size, tuple(producers), norms, consumers, depthwise)
+    return ChannelGroup(producers[0], size, tuple(producers), norms, consumers, depthwise, space.fold)
 
 
 def _consumer(model: nn.Module, name: str, layout: str, size: int) -> Consumer:
@@ -435,6 +461,7 @@ def _consumer(model: nn.Module, name: str, layout: str, size: int) -> Consumer:
     d_in = layer.weight[0].numel()
     if isinstance(layer, nn.Conv2d):
         block = layer.kernel_size[0] * layer.kernel_size[1]
+        d_in *= layer.groups  # a grouped conv reads size/groups channels per block of rows
     elif layout in (VECTOR, LAST):
         block = 1
     else:
@@ -463,5 +490,6 @@ def saved_flops(model: nn.Module, group: ChannelGroup, layer_flops: dict[str, in
     for p in group.producers + group.depthwise:
         saved += layer_flops[p] / rows(model.get_submodule(p))
     for c in group.consumers:
-        saved += layer_flops[c.name] / in_channels(model.get_submodule(c.name), c.block)
+        layer = model.get_submodule(c.name)
+        saved += layer_flops[c.name] / (in_channels(layer, c.block) * getattr(layer, "groups", 1))
     return saved

@@ -54,6 +54,7 @@ class _Layers:
     rows: Tensor
     channels: Tensor  # input channels (units of ``block`` columns)
     block: Tensor
+    fold: Tensor  # conv groups: ``fold`` removed input channels take one column block from each row
     bias: Tensor
     flops_unit: Tensor  # FLOPs per (row, input channel) pair
 
@@ -121,7 +122,7 @@ class CostModel:
         return _Layers(
             producer=longs([members[n][0] for n in names]),
             consumer=longs([members[n][1] for n in names]),
-            rows=r, channels=c, block=longs(blocks),
+            rows=r, channels=c, block=longs(blocks), fold=longs([getattr(layer, "groups", 1) for layer in layers]),
             bias=longs([int(layer.bias is not None) for layer in layers]),
             flops_unit=longs([per_layer[n] for n in names]) // (r * c),
         )
@@ -132,7 +133,7 @@ class CostModel:
         dead = (removed[self.block_inner] >= self.sizes[self.block_inner]).any(1)
         alive = ~torch.cat([dead, torch.zeros(1, dtype=torch.bool)])
         r = lay.rows - removed[lay.producer]
-        c = lay.channels - removed[lay.consumer]
+        c = lay.channels - removed[lay.consumer] // lay.fold
         shifts = (dead * (self.block_width - removed[self.block_residual])).sum()
         params = (alive[self.layer_block] * r * (c * lay.block + lay.bias)).sum() + (
             alive[self.norm_block] * self.norm_params * (self.norm_features - removed[self.norm_group])).sum() + shifts
@@ -203,7 +204,8 @@ class StructuredPruner:
         self.min_channels, self.max_group_sparsity = min_channels, max_group_sparsity
         self.factors_provider = factors_provider
         self.ignore = tuple(ignore)
-        tracing = trace_groups(dense, self.ignore)
+        self.grouped = not self.importance.needs_curvature  # no K-FAC factors for grouped convs
+        tracing = trace_groups(dense, self.ignore, grouped=self.grouped)
         groups = tracing.groups
         if not groups:
             why = sorted({r for reasons in tracing.unpruned.values() for r in reasons})
@@ -226,7 +228,7 @@ class StructuredPruner:
 
     def density(self, model: nn.Module) -> dict[str, float]:
         """Kept share of every dense group's channels in ``model`` (0 for a removed block's groups)."""
-        kept = {self.dense_group(g).id: g.size for g in channel_groups(model, self.ignore)}
+        kept = {self.dense_group(g).id: g.size for g in channel_groups(model, self.ignore, grouped=self.grouped)}
         return {g.id: kept.get(g.id, 0) / g.size for g in self.dense_groups}
 
     def _floor(self, group: ChannelGroup) -> int:
@@ -243,7 +245,7 @@ class StructuredPruner:
         if self.target is None:
             return
         room = torch.tensor([max(0, g.size - self._floor(g)) for g in groups])
-        room = self._rounded(room, torch.tensor([g.size for g in groups]))
+        room = self._rounded(room, torch.tensor([g.size for g in groups]), _folds(groups))
         best = self._reductions(*CostModel(dense, groups, flops).cost(room))
         kind, value = self.target
         if best[kind] < value * (1 - 1e-12):
@@ -253,11 +255,12 @@ class StructuredPruner:
                 f"{best[kind]:.3f}x fewer {kind}"
             )
 
-    def _rounded(self, removed: Tensor, sizes: Tensor) -> Tensor:
-        """Removals per group cut back so each group that loses channels keeps a multiple of ``round_to``."""
-        if self.round_to == 1:
+    def _rounded(self, removed: Tensor, sizes: Tensor, folds: Tensor) -> Tensor:
+        """Removals per group cut back so each group that loses channels keeps a multiple of ``round_to``
+        (and of its fold: grouped convs lose channels evenly from every group)."""
+        r = torch.lcm(torch.full_like(folds, self.round_to), folds)
+        if bool((r == 1).all()):
             return removed
-        r = self.round_to
         kept = torch.minimum(sizes, (sizes - removed + r - 1) // r * r)
         return torch.where(removed > 0, sizes - kept, removed)
 
@@ -280,7 +283,7 @@ class StructuredPruner:
 
     def __call__(self, model: nn.Module, iteration: int) -> nn.Module:
         """A new, smaller model; ``model`` itself when it already meets the target."""
-        groups = channel_groups(model, self.ignore)
+        groups = channel_groups(model, self.ignore, grouped=self.grouped)
         flops = count_flops(model, self.input_shape)
         factors = self.factors_provider(model, iteration) if self.importance.needs_curvature else None
         scores = self.importance(model, groups, ScoreInputs(factors, flops[1]))
@@ -293,12 +296,12 @@ class StructuredPruner:
                 f"{self.min_channels}, max_group_sparsity={self.max_group_sparsity}) or unscored by "
                 f"{self.importance.name!r}"
             )
-        sizes = torch.tensor([g.size for g in groups])
-        k = self._stop(CostModel(model, groups, flops), group_of, sizes)
+        sizes, folds = torch.tensor([g.size for g in groups]), _folds(groups)
+        k = self._stop(CostModel(model, groups, flops), group_of, sizes, folds)
         if k == 0:
             return model
-        group_of, channel = _first_per_group(group_of[:k], channel[:k],
-                                             self._rounded(torch.bincount(group_of[:k], minlength=len(groups)), sizes))
+        removed = self._rounded(torch.bincount(group_of[:k], minlength=len(groups)), sizes, folds)
+        group_of, channel = _first_per_group(group_of[:k], channel[:k], removed)
         if group_of.numel() == 0:
             raise CannotPruneFurther(f"cannot prune further: with round_to={self.round_to} no channel group can "
                                      f"lose a whole block of {self.round_to} channels in this step")
@@ -319,7 +322,12 @@ class StructuredPruner:
         group_of, channel, keys = [], [], []
         for i, g in enumerate(groups):
             score = _checked(scores, g)
-            order = torch.argsort(score, stable=True)
+            if g.fold > 1:  # rank positions (summed over the fold blocks); each brings its fold channels
+                score = score.view(g.fold, -1).sum(0).repeat(g.fold)
+                order = torch.argsort(score[: g.size // g.fold], stable=True)
+                order = (order[:, None] + torch.arange(g.fold) * (g.size // g.fold)).reshape(-1)
+            else:
+                order = torch.argsort(score, stable=True)
             order = order[torch.isfinite(score[order])][: max(0, g.size - self._floor(g))]
             if self.allocation == "uniform":
                 order = order[: max(1, round(self.step_fraction * g.size))]
@@ -333,7 +341,7 @@ class StructuredPruner:
             perm = perm[: max(1, round(self.step_fraction * sum(g.size for g in groups)))]
         return torch.cat(group_of)[perm], torch.cat(channel)[perm]
 
-    def _stop(self, cost: CostModel, group_of: Tensor, sizes: Tensor) -> int:
+    def _stop(self, cost: CostModel, group_of: Tensor, sizes: Tensor, folds: Tensor) -> int:
         """Length of the removal prefix: all of it, or the shortest prefix that reaches the target."""
         n = group_of.numel()
         if self.target is None:
@@ -341,7 +349,7 @@ class StructuredPruner:
         kind, value = self.target
 
         def reached(k: int) -> bool:
-            removed = self._rounded(torch.bincount(group_of[:k], minlength=cost.num_groups), sizes)
+            removed = self._rounded(torch.bincount(group_of[:k], minlength=cost.num_groups), sizes, folds)
             return self._reductions(*cost.cost(removed))[kind] >= value * (1 - 1e-12)
 
         if not reached(n):
@@ -401,6 +409,10 @@ def _checked(scores: dict[str, Tensor], group: ChannelGroup) -> Tensor:
     if bool(torch.isnan(score).any()):
         raise NapkitError(f"scores of group {group.id!r} contain NaN")
     return score
+
+
+def _folds(groups: list[ChannelGroup]) -> Tensor:
+    return torch.tensor([g.fold for g in groups], dtype=torch.long)
 
 
 def _first_per_group(group_of: Tensor, channel: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
