@@ -1,6 +1,16 @@
 """Structured (channel) pruning: channel groups by tracing, scores, physical removal, one pruning step."""
 
-from napkit.structured.groups import ChannelGroup, Consumer, channel_groups, find_group, saved_flops
+from napkit.structured.groups import (
+    ChannelGroup,
+    Consumer,
+    Tracing,
+    UnprunedLayersWarning,
+    channel_groups,
+    find_group,
+    saved_flops,
+    trace_groups,
+    warn_unpruned,
+)
 from napkit.structured.importance import (
     ChannelImportance,
     ScoreInputs,
@@ -22,6 +32,8 @@ __all__ = [
     "CostModel",
     "ScoreInputs",
     "StructuredPruner",
+    "Tracing",
+    "UnprunedLayersWarning",
     "apply",
     "channel_counts",
     "channel_groups",
@@ -38,4 +50,6 @@ __all__ = [
     "row_terms",
     "saved_flops",
     "slim_to",
+    "trace_groups",
+    "warn_unpruned",
 ]
