@@ -14,6 +14,7 @@ from torchvision.models.efficientnet import EfficientNet, MBConvConfig
 from torchvision.models.swin_transformer import SwinTransformer
 from torchvision.models.vision_transformer import VisionTransformer
 
+from napkit.curvature import estimate_kfac
 from napkit.errors import NapkitError
 from napkit.structured import (
     ChannelGroup,
@@ -23,6 +24,7 @@ from napkit.structured import (
     channel_counts,
     count_flops,
     count_params,
+    group_layers,
     slim_to,
 )
 from napkit.structured.groups import UnprunedLayersWarning, trace_groups
@@ -244,3 +246,24 @@ def test_l1_step_prunes_grouped_convs_evenly() -> None:
     conv = pruned.layer1[0].conv2
     assert conv.groups == 4 and conv.in_channels == conv.out_channels == 8  # half of each group's 4 channels
     assert run(pruned, torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "convnext", "vit", "swin"])
+def test_nap_scores_the_new_groups(name: str) -> None:
+    """NAP (K-FAC OBS) ranks SE, depthwise-coupled and MLP hidden-unit groups from their members' factors."""
+    model = tiny(name)
+    for m in model.modules():  # ViT's zero-initialised head would leave the loss flat
+        if isinstance(m, nn.Linear) and not m.weight.any():
+            nn.init.normal_(m.weight, std=0.1)
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(16, 3, 32, 32, generator=gen), torch.randint(0, 5, (16,), generator=gen)
+
+    def provider(m: nn.Module, iteration: int) -> dict:
+        layers = group_layers(m, trace_groups(m).groups)
+        return estimate_kfac(m, [(x, y)], layers=layers, num_samples=16, progress=False)
+
+    pruner = StructuredPruner("nap", model, input_shape=(1, 3, 32, 32), step_fraction=0.2,
+                              factors_provider=provider)
+    pruned = pruner(model, 1)
+    assert count_params(pruned) < count_params(model)
+    assert run(pruned, x[:2]).shape == (2, 5)

@@ -471,6 +471,16 @@ def _consumer(model: nn.Module, name: str, layout: str, size: int) -> Consumer:
     return Consumer(name, block)
 
 
+def group_layers(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, PrunableLayer]:
+    """Producers and consumers of ``groups``: the layers whose K-FAC factors NAP's channel scores need.
+
+    Pass them as ``estimate_kfac(..., layers=...)``: a model's other Linear layers may never run as
+    modules (attention projections used through their weights, as in ViT and Swin).
+    """
+    names = {p for g in groups for p in g.producers} | {c.name for g in groups for c in g.consumers}
+    return {n: model.get_submodule(n) for n in sorted(names)}  # type: ignore[misc]
+
+
 def find_group(groups: list[ChannelGroup], group_id: str) -> ChannelGroup:
     """The group with ``group_id``, or an error naming the valid ids."""
     for g in groups:
