@@ -267,3 +267,23 @@ def test_nap_scores_the_new_groups(name: str) -> None:
     pruned = pruner(model, 1)
     assert count_params(pruned) < count_params(model)
     assert run(pruned, x[:2]).shape == (2, 5)
+
+
+class _Broadcast(nn.Module):
+    """A 1-channel spatial gate multiplied over 6 channels (CBAM style): shapes disagree, not an error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.gate, self.b = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 1, 1), nn.Conv2d(6, 4, 3)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(x)
+        x = torch.relu(self.b(x * torch.sigmoid(self.gate(x))))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_disagreeing_shapes_leave_only_that_group_unpruned() -> None:
+    tracing = trace_groups(_Broadcast())
+    assert [g.id for g in tracing.groups] == ["b"]
+    assert any("disagree" in r for r in tracing.unpruned["a"])

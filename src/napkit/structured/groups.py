@@ -405,10 +405,13 @@ def trace_groups(model: nn.Module, ignore: Sequence[str] = (), *, grouped: bool 
         size = rows(model.get_submodule(s.producers[0]))
         if size % s.fold:
             s.frozen.add(f"conv groups that do not tile {size} channels (lcm {s.fold})")
+        if not s.frozen:
+            try:
+                groups.append(_group(model, s, order))
+            except NapkitError as exc:  # e.g. a 1-channel map broadcast over C channels: shapes disagree
+                s.frozen.add(str(exc))
         if s.frozen:
             unpruned.update({p: tuple(sorted(s.frozen)) for p in s.producers})
-        else:
-            groups.append(_group(model, s, order))
     return Tracing(sorted(groups, key=lambda g: order[g.id]),
                    {p: unpruned[p] for p in sorted(unpruned, key=order.__getitem__)})
 
