@@ -287,3 +287,64 @@ def test_disagreeing_shapes_leave_only_that_group_unpruned() -> None:
     tracing = trace_groups(_Broadcast())
     assert [g.id for g in tracing.groups] == ["b"]
     assert any("disagree" in r for r in tracing.unpruned["a"])
+
+
+# --- K-FAC of depthwise convs against brute force --------------------------------------------
+
+
+class _DepthwiseNet(nn.Module):
+    """conv -> ReLU -> depthwise 3x3 (bias, stride 2) -> ReLU -> linear, float64."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.conv, self.dw = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 3, 3, stride=2, groups=3)
+        out = (size - 3) // 2 + 1
+        self.fc = nn.Linear(3 * out * out, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.dw(torch.relu(self.conv(x)))).flatten(1))
+
+
+def test_depthwise_kfac_is_the_exact_fisher_for_one_example_at_one_position() -> None:
+    from napkit.curvature.depthwise import depthwise_terms, estimate_depthwise_kfac
+
+    torch.manual_seed(0)
+    model = _DepthwiseNet(3).double()  # a 3x3 input: one output position
+    x, y = torch.randn(1, 2, 3, 3, dtype=torch.float64), torch.tensor([2])
+    f = estimate_depthwise_kfac(model, [(x, y)], ["dw"], fisher="empirical")["dw"]
+    loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
+    gw, gb = torch.autograd.grad(loss, [model.dw.weight, model.dw.bias])
+    per_channel = torch.cat([gw.reshape(3, -1), gb[:, None]], 1)  # [C, 10]
+    exact = torch.einsum("ci,cj->cij", per_channel, per_channel)
+    torch.testing.assert_close(f.G[:, None, None] * f.A, exact, rtol=1e-10, atol=1e-12)
+    w = torch.cat([model.dw.weight.detach().reshape(3, -1), model.dw.bias.detach()[:, None]], 1)
+    torch.testing.assert_close(depthwise_terms(model, "dw", f), 0.5 * torch.einsum("ci,cij,cj->c", w, exact, w))
+
+
+def test_depthwise_kfac_factors_match_explicit_sums() -> None:
+    from napkit.curvature import sample_labels
+    from napkit.curvature.depthwise import estimate_depthwise_kfac
+
+    torch.manual_seed(1)
+    model = _DepthwiseNet(6).double().eval()  # T = 4 output positions
+    x = torch.randn(6, 2, 6, 6, dtype=torch.float64)
+    loader = [(x[:4], torch.zeros(4, dtype=torch.long)), (x[4:], torch.zeros(2, dtype=torch.long))]
+    f = estimate_depthwise_kfac(model, loader, ["dw"], fisher="true", seed=3)["dw"]
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        labels = torch.cat([sample_labels(model(b), gen) for b, _ in loader])
+    a_sum, g_sum = torch.zeros(3, 10, 10, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for n in range(6):
+        h = torch.relu(model.conv(x[n : n + 1])).detach().requires_grad_(False)
+        out = model.dw(h)
+        out.retain_grad()
+        nn.functional.cross_entropy(model.fc(torch.relu(out).flatten(1)), labels[n : n + 1], reduction="sum").backward()
+        for c in range(3):
+            for i in range(2):
+                for j in range(2):
+                    a = torch.cat([h[0, c, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].reshape(-1), torch.ones(1).double()])
+                    a_sum[c] += torch.outer(a, a)
+                    g_sum[c] += out.grad[0, c, i, j] ** 2
+    torch.testing.assert_close(f.A, a_sum / 24, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(f.G, g_sum / 6, rtol=1e-10, atol=1e-12)
+    assert f.num_samples == 6
