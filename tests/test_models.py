@@ -11,8 +11,10 @@ from torch import nn
 from torchvision import models as tvm
 
 from napkit.errors import NapkitError
+from napkit.io import save_tensors
 from napkit.models import create_model, list_models
 from napkit.models.imagenet import pretrained_path
+from napkit.models.weights import hub_path
 
 SMALL = ["alexnet_small", "resnet50_small", "vgg16_small"]
 FULL = ["alexnet", "resnet50", "vgg16", "vgg16_bn"]
@@ -156,3 +158,98 @@ def test_lenet5_is_lenet_sized():
     model = create_model("lenet5", num_classes=10, in_channels=1, input_size=28)
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     assert 40_000 < n_params(model) < 70_000  # LeNet-5: ~44k (5x5 convs 6 and 16, fc 120-84-10)
+
+
+# --- builders by path, weights files, torchvision weights -----------------------------------
+
+
+def test_torchvision_model_by_name_or_path_adapts_data_args():
+    model = create_model("resnet18", num_classes=7, in_channels=1, input_size=32).eval()
+    assert isinstance(model, tvm.ResNet) and model.fc.out_features == 7 and model.conv1.in_channels == 1
+    vit = create_model("torchvision.models.vit_b_32", num_classes=3, in_channels=3, input_size=64,
+                       dropout=0.2).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+        assert vit(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    assert vit.encoder.dropout.p == 0.2
+
+
+def test_dotted_builder_gets_the_data_args_it_takes(tmp_path, monkeypatch):
+    pkg = tmp_path / "my_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text(
+        "from torch import nn\n"
+        "def tiny(num_classes, in_chans, hidden=4):\n"
+        "    return nn.Sequential(nn.Conv2d(in_chans, hidden, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                         nn.Linear(hidden, num_classes))\n"
+        "NOT_A_BUILDER = 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = create_model("my_pkg.nets.tiny", num_classes=5, in_channels=2, input_size=16, hidden=6)
+    assert model(torch.randn(1, 2, 16, 16)).shape == (1, 5) and model[0].out_channels == 6
+    with pytest.raises(NapkitError, match="rejected its options.*depth"):
+        create_model("my_pkg.nets.tiny", num_classes=5, in_channels=2, input_size=16, depth=2)
+    with pytest.raises(NapkitError, match="not a callable builder"):
+        create_model("my_pkg.nets.NOT_A_BUILDER", num_classes=5, in_channels=2, input_size=16)
+    with pytest.raises(NapkitError, match="cannot be imported.*optional extra"):
+        create_model("timm.create_model", num_classes=5, in_channels=3, input_size=16, model_name="resnet18")
+
+
+def test_unknown_name_mentions_builder_paths():
+    with pytest.raises(NapkitError, match="unknown model 'resnet19'.*torchvision model name"):
+        create_model("resnet19", num_classes=10, in_channels=3, input_size=32)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_weights_file_loads_into_any_model(tmp_path, suffix):
+    torch.manual_seed(0)
+    reference = create_model("mobilenet_v3_small", num_classes=4, in_channels=3, input_size=32)
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        save_tensors(path, reference.state_dict())
+    else:
+        torch.save({"state_dict": reference.state_dict(), "epoch": 3}, path)
+    torch.manual_seed(1)
+    loaded = create_model("mobilenet_v3_small", num_classes=4, in_channels=3, input_size=32, weights=str(path))
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(NapkitError, match="do not fit.*other shapes.*classifier.3.weight"):
+        create_model("mobilenet_v3_small", num_classes=5, in_channels=3, input_size=32, weights=str(path))
+
+
+def test_weights_file_with_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": nn.Linear(2, 2)}, path)  # a module object, not a state dict
+    with pytest.raises(NapkitError, match="weights_only=True"):
+        create_model("resnet18", num_classes=10, in_channels=3, input_size=32, weights=str(path))
+
+
+def test_torchvision_weights_by_enum_from_local_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    reference = tvm.resnet18(weights=None)
+    path = hub_path(tvm.ResNet18_Weights.IMAGENET1K_V1)
+    with pytest.raises(NapkitError, match="not found at.*ResNet18_Weights.IMAGENET1K_V1"):
+        create_model("resnet18", num_classes=10, in_channels=3, input_size=32, weights="DEFAULT")
+    path.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), path)
+    model = create_model("resnet18", num_classes=10, in_channels=3, input_size=32,
+                         weights="ResNet18_Weights.IMAGENET1K_V1")
+    assert model.fc.out_features == 10  # the new head keeps its fresh init, everything else is loaded
+    assert torch.equal(model.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    with pytest.raises(NapkitError, match="not a weight of 'resnet18'; valid: DEFAULT, IMAGENET1K_V1"):
+        create_model("resnet18", num_classes=10, in_channels=3, input_size=32, weights="IMAGENET1K_V9")
+
+
+def test_pruned_torchvision_model_rebuilds_from_its_spec(tmp_path):
+    from napkit.artifacts import ModelSpec, load_model, save_model
+    from napkit.structured import StructuredPruner
+
+    spec = ModelSpec("torchvision.models.mobilenet_v3_small", 10, 3, 32, {"width_mult": 0.5})
+    model = spec.build().eval()
+    pruned = StructuredPruner("l1", model, input_shape=(1, 3, 32, 32), step_fraction=0.5)(model, 0)
+    save_model(tmp_path, pruned, spec.with_channels_of(pruned))
+    rebuilt, _, _ = load_model(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), pruned(x))

@@ -9,7 +9,7 @@ allocate the 224x224 heads (tens of millions of parameters) only to replace them
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models import AlexNet, ResNet, VGG
+from torchvision.models import VGG, AlexNet, ResNet
 from torchvision.models.resnet import Bottleneck
 from torchvision.models.vgg import cfgs, make_layers
 

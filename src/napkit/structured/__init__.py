@@ -1,6 +1,17 @@
 """Structured (channel) pruning: channel groups by tracing, scores, physical removal, one pruning step."""
 
-from napkit.structured.groups import ChannelGroup, Consumer, channel_groups, find_group, saved_flops
+from napkit.structured.groups import (
+    ChannelGroup,
+    Consumer,
+    Tracing,
+    UnprunedLayersWarning,
+    channel_groups,
+    find_group,
+    group_layers,
+    saved_flops,
+    trace_groups,
+    warn_unpruned,
+)
 from napkit.structured.importance import (
     ChannelImportance,
     ScoreInputs,
@@ -22,6 +33,8 @@ __all__ = [
     "CostModel",
     "ScoreInputs",
     "StructuredPruner",
+    "Tracing",
+    "UnprunedLayersWarning",
     "apply",
     "channel_counts",
     "channel_groups",
@@ -31,6 +44,7 @@ __all__ = [
     "count_params",
     "create_channel_importance",
     "find_group",
+    "group_layers",
     "list_channel_importances",
     "prune_channels",
     "recalibrate_bn",
@@ -38,4 +52,6 @@ __all__ = [
     "row_terms",
     "saved_flops",
     "slim_to",
+    "trace_groups",
+    "warn_unpruned",
 ]

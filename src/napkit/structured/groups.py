@@ -1,40 +1,66 @@
 """Channel groups: the channels structured pruning removes together, derived by tracing (torch.fx).
 
-Every tensor of the traced graph carries a *channel space*, the channel index (dim 1) it shares with
-other tensors. A Conv2d/Linear output opens a new space with that layer as its producer; per-channel
-and elementwise ops (BatchNorm, activations, pooling, dropout, flatten) keep their input's space; the
-sum of two tensors merges their spaces, which couples ResNet's residual stream (one group per stage:
-every block's conv3 + bn3, the downsample conv + bn, the following convs' inputs and the identity).
-Every Conv2d/Linear that reads a space is a consumer of its channels, in blocks of consecutive columns
-of ``W_h = weight.view(d_out, -1)``: ``kh*kw`` for a conv, ``H*W`` for a Linear after a flatten of
-``C x H x W`` features, 1 for a Linear after a Linear. Spaces touched by anything else (the network
-input, the logits, unknown ops, grouped or dilated convs) are frozen: never pruned.
+Every tensor of the traced graph carries a *channel space*, the channel index it shares with other
+tensors, and a *layout* saying where that index is: dim 1 of a feature map (``spatial``), blocks of
+``H*W`` columns of a flattened map (``flat``), dim 1 of a 2-D vector (``vector``) or the last dim of
+a token / channels-last tensor (``last``, what a Linear reads and writes). A Conv2d/Linear output
+opens a new space with that layer as its producer; per-channel and elementwise ops (BatchNorm,
+activations, pooling or a mean over H and W, dropout, stochastic depth, flatten, NCHW <-> NHWC
+permutes) keep their input's space; a depthwise conv
+(``groups == in == out channels``) keeps it too, its filters removed with their channels; the sum or
+product of two tensors merges their spaces, which couples ResNet's residual stream and a
+squeeze-and-excitation block's scale with the channels it scales (the SE's hidden units are a group
+of their own). A grouped conv (``groups = g``) is a producer and a consumer too, but its channel
+groups must stay equal: both its spaces get ``fold = g`` (the lcm over such convs), and a channel
+goes only together with the channels at the same position in every one of the g blocks (torchvision's
+ResNeXt and RegNet). Every Conv2d/Linear that reads a space is a consumer of its channels, in blocks of
+consecutive columns of ``W_h = weight.view(d_out, -1)``: ``kh*kw`` for a conv, ``H*W`` for a Linear
+after a flatten of ``C x H x W`` features, 1 for a Linear reading its last dim (an MLP's hidden units:
+ViT, Swin, ConvNeXt).
+
+Spaces touched by anything else are frozen: never pruned. The network input and the logits are
+frozen by nature; the rest (LayerNorm over channels, concatenation, channel shuffle, attention,
+grouped convs, shared layers, layers the user ignores) are reported by :func:`trace_groups` and
+named in one warning by :func:`warn_unpruned`, while every other group of the model stays prunable.
 """
 
 from __future__ import annotations
 
+import math
 import operator
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+from torchvision.ops import stochastic_depth
 
 from napkit.errors import NapkitError
 from napkit.layers import PrunableLayer, is_prunable
 from napkit.structured.blocks import ResidualBias
 
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+                nn.Hardsigmoid, nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Hardtanh,
                 nn.Dropout, nn.Dropout2d, nn.Identity)
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_ELEMENTWISE_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.sigmoid, torch.tanh,
-                          torch.nn.functional.dropout}
+_F = torch.nn.functional
+_ELEMENTWISE_FUNCTIONS = {torch.relu, _F.relu, _F.relu6, torch.sigmoid, _F.sigmoid, torch.tanh, _F.gelu,
+                          _F.silu, _F.hardswish, _F.hardsigmoid, _F.dropout, stochastic_depth}
+_POOL_FUNCTIONS = {_F.adaptive_avg_pool2d, _F.adaptive_max_pool2d, _F.avg_pool2d, _F.max_pool2d}
 _ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
 _BINARY = {operator.add, operator.iadd, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
 _QUERIES = {"size", "dim"}  # methods returning shapes (``x.shape`` traces as getattr)
 
-# layouts of a traced tensor: 4-D feature map, 2-D flattened map (channel = block of H*W), 2-D vector
-SPATIAL, FLAT, VECTOR = "spatial", "flat", "vector"
+# layouts of a traced tensor (see the module docstring); OTHER: unknown, only behind a frozen space
+SPATIAL, FLAT, VECTOR, LAST, OTHER = "spatial", "flat", "vector", "last", "other"
+# why a space is frozen when nothing is wrong with it
+INPUT, OUTPUT, IGNORED = "network input", "network output", "ignored"
+_NATURAL = {INPUT, OUTPUT, IGNORED}
+
+
+class UnprunedLayersWarning(UserWarning):
+    """Some layers stay unpruned because napkit does not understand how their channels are coupled."""
 
 
 @dataclass(frozen=True)
@@ -47,9 +73,14 @@ class Consumer:
 
 @dataclass(frozen=True)
 class ChannelGroup:
-    """Channels removed together: producer rows, their BatchNorm entries and every consumer's columns.
+    """Channels removed together: producer rows, their BatchNorm entries, depthwise filters and every
+    consumer's columns.
 
     ``id`` is the first producer's name; a group with several producers is a coupled (residual) group.
+    ``depthwise`` convs carry each channel through its own filter: they lose the group's channels as
+    whole filters (rows), like a BatchNorm, and have no curvature terms of their own. ``fold = g > 1``
+    (a grouped conv among the members) splits the channels into g equal blocks: channel ``j * size/g
+    + p`` is removed together with the channels at position p of every other block.
     """
 
     id: str
@@ -57,10 +88,20 @@ class ChannelGroup:
     producers: tuple[str, ...]
     norms: tuple[str, ...]
     consumers: tuple[Consumer, ...]
+    depthwise: tuple[str, ...] = ()
+    fold: int = 1
 
     @property
     def coupled(self) -> bool:
         return len(self.producers) > 1
+
+
+@dataclass(frozen=True)
+class Tracing:
+    """Prunable groups of a model and the producers left unpruned, each with why (ops, reasons)."""
+
+    groups: list[ChannelGroup]
+    unpruned: dict[str, tuple[str, ...]]
 
 
 @dataclass
@@ -68,10 +109,18 @@ class _Space:
     """One channel space while tracing (a union-find node)."""
 
     parent: int
-    frozen: bool = False
+    frozen: set[str] = field(default_factory=set)  # reasons; empty: prunable
     producers: list[str] = field(default_factory=list)
+    depthwise: list[str] = field(default_factory=list)
     norms: list[str] = field(default_factory=list)
     readers: list[tuple[str, str]] = field(default_factory=list)  # (consumer name, input layout)
+    fold: int = 1
+
+    def members(self) -> Iterator[str]:
+        yield from self.producers
+        yield from self.depthwise
+        yield from self.norms
+        yield from (name for name, _ in self.readers)
 
 
 @dataclass(frozen=True)
@@ -80,17 +129,31 @@ class _Value:
     layout: str
 
 
+def is_depthwise(module: nn.Module) -> bool:
+    """A Conv2d with one filter per channel: output channel c reads input channel c only."""
+    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels
+
+
+def is_grouped(module: nn.Module) -> bool:
+    """A grouped Conv2d (1 < groups, not depthwise) without dilation, which napkit prunes group-evenly."""
+    return (isinstance(module, nn.Conv2d) and module.groups > 1 and not is_depthwise(module)
+            and tuple(module.dilation) == (1, 1))
+
+
 class _Tracer:
     """Walks an fx graph and assigns channel spaces to its tensors."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, grouped: bool) -> None:
+        self.grouped = grouped
         self.modules = dict(model.named_modules())
         self.spaces: list[_Space] = []
         self.values: dict[fx.Node, _Value] = {}
         self.seen: set[str] = set()
+        self.shared: set[str] = set()
 
-    def new(self, layout: str, *, frozen: bool = False, producer: str | None = None) -> _Value:
-        space = _Space(parent=len(self.spaces), frozen=frozen, producers=[producer] if producer else [])
+    def new(self, layout: str, *, frozen: str | None = None, producer: str | None = None) -> _Value:
+        space = _Space(parent=len(self.spaces), frozen={frozen} if frozen else set(),
+                       producers=[producer] if producer else [])
         self.spaces.append(space)
         return _Value(space.parent, layout)
 
@@ -111,12 +174,14 @@ class _Tracer:
         gone.parent = ra
         keep.frozen |= gone.frozen
         keep.producers += gone.producers
+        keep.depthwise += gone.depthwise
         keep.norms += gone.norms
         keep.readers += gone.readers
+        keep.fold = math.lcm(keep.fold, gone.fold)
 
-    def freeze(self, *values: _Value) -> None:
+    def freeze(self, reason: str, *values: _Value) -> None:
         for v in values:
-            self.space(v).frozen = True
+            self.space(v).frozen.add(reason)
 
     def inputs(self, node: fx.Node) -> list[_Value]:
         """Values of every tensor the node reads (positional and keyword, nested)."""
@@ -135,12 +200,18 @@ class _Tracer:
             out = self.visit(node)
             if out is not None:
                 self.values[node] = out
+        for space in self.roots():
+            shared = sorted(self.shared.intersection(space.members()))
+            if shared:
+                space.frozen.add(f"shared layer {', '.join(shared)} (runs twice)")
 
     def visit(self, node: fx.Node) -> _Value | None:
-        if node.op == "placeholder" or node.op == "get_attr":
-            return self.new(SPATIAL, frozen=True)
+        if node.op == "placeholder":
+            return self.new(SPATIAL, frozen=INPUT)
+        if node.op == "get_attr":
+            return self.new(OTHER, frozen=f"parameter {node.target}")
         if node.op == "output":
-            self.freeze(*self.inputs(node))
+            self.freeze(OUTPUT, *self.inputs(node))
             return None
         if node.op == "call_module":
             return self.visit_module(node, self.modules[str(node.target)])
@@ -157,54 +228,90 @@ class _Tracer:
             return args[0]
         flattens = isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) == (1, -1)
         if flattens and len(args) == 1:
-            return _flattened(args[0])
+            return self.flattened(args[0], name)
         if self._once(name, module) and len(args) == 1:
             x = args[0]
-            if isinstance(module, nn.Conv2d) and is_prunable(module) and x.layout == SPATIAL:
-                self.space(x).readers.append((name, x.layout))
+            if is_depthwise(module):
+                if x.layout != SPATIAL:
+                    return self.unknown(args, f"{type(module).__name__} {name}")
+                self.space(x).depthwise.append(name)
+                return x
+            if isinstance(module, nn.Conv2d) and is_prunable(module):
+                self.read(x, name, SPATIAL)
                 return self.new(SPATIAL, producer=name)
-            if isinstance(module, nn.Linear) and x.layout in (FLAT, VECTOR):
-                self.space(x).readers.append((name, x.layout))
-                return self.new(VECTOR, producer=name)
+            if self.grouped and is_grouped(module) and x.layout == SPATIAL:
+                self.read(x, name, SPATIAL)
+                self.space(x).fold = math.lcm(self.space(x).fold, module.groups)
+                out = self.new(SPATIAL, producer=name)
+                self.space(out).fold = module.groups
+                return out
+            if isinstance(module, nn.Linear):
+                self.read(x, name, FLAT, VECTOR, LAST)
+                return self.new(VECTOR if x.layout in (FLAT, VECTOR) else LAST, producer=name)
             if _norm_fits(module, x.layout):
                 self.space(x).norms.append(name)
                 return x
-        return self.unknown(args)
+        return self.unknown(args, f"{type(module).__name__} {name}")
+
+    def read(self, x: _Value, name: str, *layouts: str) -> None:
+        """Layer ``name`` reads ``x``: a consumer of its channels in a layout it understands, else frozen."""
+        if x.layout in layouts:
+            self.space(x).readers.append((name, x.layout))
+        else:
+            self.freeze(f"{name} reading a {x.layout} layout", x)
 
     def _once(self, name: str, module: nn.Module) -> bool:
-        """True for a layer with weights seen for the first time; a second call would be a shared layer."""
+        """True for a layer with weights seen for the first time; a second call marks a shared layer."""
         if not isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, ResidualBias)):
             return False
         if name in self.seen:
-            raise NapkitError(f"layer {name!r} runs twice in one forward pass; cannot prune shared layers")
+            self.shared.add(name)
+            return False
         self.seen.add(name)
         return True
 
     def visit_function(self, node: fx.Node) -> _Value:
         args = self.inputs(node)
         target = node.target
-        if target in _ELEMENTWISE_FUNCTIONS or (node.op == "call_method" and target in _ELEMENTWISE_METHODS):
-            if len(args) == 1:
-                return args[0]
-        if target in _BINARY or (node.op == "call_method" and target in ("add", "add_", "mul", "mul_")):
-            return self.binary(args)
+        method = node.op == "call_method"
+        elementwise = target in _ELEMENTWISE_FUNCTIONS or (method and target in _ELEMENTWISE_METHODS)
+        if elementwise and len(args) == 1:
+            return args[0]
+        if target in _POOL_FUNCTIONS and len(args) == 1 and args[0].layout == SPATIAL:
+            return args[0]
+        if target in _BINARY or (method and target in ("add", "add_", "mul", "mul_")):
+            return self.binary(args, _describe(node))
+        if (target is torch.permute or target == "permute") and len(args) == 1:
+            layout = _PERMUTED.get((args[0].layout, _dims(node)))
+            if layout is not None:  # NCHW <-> NHWC: the channels move to / from the last dim
+                return _Value(args[0].space, layout)
+        if (target is torch.mean or target == "mean") and len(args) == 1 and args[0].layout == SPATIAL:
+            keep = _spatial_mean(node)
+            if keep is not None:  # global average pooling written as a mean over H and W
+                return _Value(args[0].space, SPATIAL if keep else VECTOR)
         if (target is torch.flatten or target == "flatten") and _flattens_channels(node) and len(args) == 1:
-            return _flattened(args[0])
-        return self.unknown(args)
+            return self.flattened(args[0], node.name)
+        return self.unknown(args, _describe(node))
 
-    def binary(self, args: list[_Value]) -> _Value:
+    def flattened(self, value: _Value, name: str) -> _Value:
+        """``flatten(x, 1)``: a feature map's channels become column blocks, a vector stays a vector."""
+        if value.layout in (SPATIAL, VECTOR):
+            return _Value(value.space, FLAT if value.layout == SPATIAL else VECTOR)
+        return self.unknown([value], f"flatten {name} of a {value.layout} layout")
+
+    def binary(self, args: list[_Value], name: str) -> _Value:
         """Elementwise op: a tensor with a scalar keeps its space; two tensors share one space."""
         if len(args) == 1:
             return args[0]
-        if len(args) == 2 and args[0].layout == args[1].layout:
+        if len(args) == 2 and args[0].layout == args[1].layout and args[0].layout != OTHER:
             self.union(args[0], args[1])
             return args[0]
-        return self.unknown(args)
+        return self.unknown(args, name)
 
-    def unknown(self, args: list[_Value]) -> _Value:
+    def unknown(self, args: list[_Value], what: str) -> _Value:
         """An op napkit cannot see through: freeze its inputs, its output is frozen too."""
-        self.freeze(*args)
-        return self.new(SPATIAL, frozen=True)
+        self.freeze(what, *args)
+        return self.new(OTHER, frozen=what)
 
     def roots(self) -> Iterator[_Space]:
         for i, space in enumerate(self.spaces):
@@ -219,8 +326,11 @@ class _LeafTracer(fx.Tracer):
         return isinstance(m, ResidualBias) or super().is_leaf_module(m, module_qualified_name)
 
 
-def _flattened(value: _Value) -> _Value:
-    return _Value(value.space, FLAT if value.layout == SPATIAL else value.layout)
+def _describe(node: fx.Node) -> str:
+    """An fx node in a warning: the op and the node name (derived from the module path)."""
+    target = node.target
+    op = f".{target}()" if node.op == "call_method" else getattr(target, "__name__", str(target))
+    return f"{op} at {node.name}"
 
 
 def _flattens_channels(node: fx.Node) -> bool:
@@ -228,6 +338,25 @@ def _flattens_channels(node: fx.Node) -> bool:
     start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
     end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
     return (start, end) == (1, -1)
+
+
+_PERMUTED = {(SPATIAL, (0, 2, 3, 1)): LAST, (LAST, (0, 3, 1, 2)): SPATIAL}
+
+
+def _dims(node: fx.Node) -> tuple[int, ...]:
+    """The dims of ``torch.permute(x, dims)`` / ``x.permute(*dims)``."""
+    rest = node.args[1:] or (node.kwargs.get("dims"),)
+    dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+    return tuple(dims) if all(isinstance(d, int) for d in dims) else ()
+
+
+def _spatial_mean(node: fx.Node) -> bool | None:
+    """``x.mean((2, 3))`` / ``torch.mean(x, [-2, -1], keepdim)``: its keepdim; None for another mean."""
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if not isinstance(dims, (list, tuple)) or {d % 4 if isinstance(d, int) else d for d in dims} != {2, 3}:
+        return None
+    return bool(keep)
 
 
 def _norm_fits(module: nn.Module, layout: str) -> bool:
@@ -247,27 +376,74 @@ def in_channels(layer: PrunableLayer, block: int) -> int:
     return layer.weight[0].numel() // block
 
 
-def channel_groups(model: nn.Module) -> list[ChannelGroup]:
-    """Every prunable channel group of ``model``, in module order of the first producer.
+def _ignored(name: str, ignore: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in ignore)
 
-    Frozen channels (network input, logits, anything behind an op the tracer does not know) form no
-    group. Raises NapkitError when the model cannot be traced or its shapes disagree.
+
+def trace_groups(model: nn.Module, ignore: Sequence[str] = (), *, grouped: bool = False) -> Tracing:
+    """Every prunable channel group of ``model`` (in module order of the first producer), and the
+    producers left unpruned with the reasons.
+
+    ``ignore`` lists module-name prefixes the user wants untouched: every group with a member under
+    one of them is left unpruned. ``grouped=True`` prunes through grouped convs (group-evenly); off by
+    default, as napkit estimates no K-FAC factors for grouped convs (NAP cannot score them). Raises
+    NapkitError when the model cannot be traced or its shapes disagree.
     """
     try:
         graph = _LeafTracer().trace(model)
     except Exception as exc:  # fx raises many types for untraceable control flow
         raise NapkitError(f"cannot trace {type(model).__name__} with torch.fx: {exc}") from exc
-    tracer = _Tracer(model)
+    tracer = _Tracer(model, grouped)
     tracer.run(graph)
     order = {name: i for i, name in enumerate(tracer.modules)}
-    groups = [_group(model, s, order) for s in tracer.roots() if s.producers and not s.frozen]
-    return sorted(groups, key=lambda g: order[g.id])
+    groups, unpruned = [], {}
+    for s in tracer.roots():
+        if not s.producers:
+            continue
+        if any(_ignored(m, ignore) for m in s.members()):
+            s.frozen.add(IGNORED)
+        size = rows(model.get_submodule(s.producers[0]))
+        if size % s.fold:
+            s.frozen.add(f"conv groups that do not tile {size} channels (lcm {s.fold})")
+        if not s.frozen:
+            try:
+                groups.append(_group(model, s, order))
+            except NapkitError as exc:  # e.g. a 1-channel map broadcast over C channels: shapes disagree
+                s.frozen.add(str(exc))
+        if s.frozen:
+            unpruned.update({p: tuple(sorted(s.frozen)) for p in s.producers})
+    return Tracing(sorted(groups, key=lambda g: order[g.id]),
+                   {p: unpruned[p] for p in sorted(unpruned, key=order.__getitem__)})
+
+
+def channel_groups(model: nn.Module, ignore: Sequence[str] = (), *, grouped: bool = False) -> list[ChannelGroup]:
+    """Every prunable channel group of ``model`` (see :func:`trace_groups`)."""
+    return trace_groups(model, ignore, grouped=grouped).groups
+
+
+def warn_unpruned(tracing: Tracing, *, limit: int = 40) -> list[str]:
+    """One warning naming the producers left unpruned for a reason other than the network's input or
+    output or the user's ``ignore`` list, and the ops responsible; returns those producers."""
+    odd = {p: tuple(r for r in why if r not in _NATURAL) for p, why in tracing.unpruned.items()}
+    odd = {p: why for p, why in odd.items() if why}
+    if odd:
+        reasons = sorted({r for why in odd.values() for r in why})
+        names = list(odd)
+        more = f" and {len(names) - limit} more" if len(names) > limit else ""
+        shown = f"{'; '.join(reasons[:limit])}{' ...' if len(reasons) > limit else ''}"
+        warnings.warn(
+            f"napkit leaves {len(names)} layer(s) unpruned because their channels meet couplings it does not "
+            f"prune through ({shown}): {', '.join(names[:limit])}{more}; every other channel group is "
+            f"pruned (set prune.ignore to silence this by leaving them out on purpose)",
+            UnprunedLayersWarning, stacklevel=2,
+        )
+    return list(odd)
 
 
 def _group(model: nn.Module, space: _Space, order: dict[str, int]) -> ChannelGroup:
     """Freeze one traced space into a ChannelGroup (members sorted in module order)."""
     producers = sorted(space.producers, key=order.__getitem__)
-    sizes = {p: rows(model.get_submodule(p)) for p in producers}
+    sizes = {p: rows(model.get_submodule(p)) for p in producers + space.depthwise}
     size = sizes[producers[0]]
     if len(set(sizes.values())) != 1:
         raise NapkitError(f"coupled layers disagree on their channel count: {sizes}")
@@ -278,7 +454,8 @@ def _group(model: nn.Module, space: _Space, order: dict[str, int]) -> ChannelGro
     consumers = tuple(_consumer(model, name, layout, size) for name, layout in sorted(
         space.readers, key=lambda r: order[r[0]]))
     norms = tuple(sorted(space.norms, key=order.__getitem__))
-    return ChannelGroup(producers[0], size, tuple(producers), norms, consumers)
+    depthwise = tuple(sorted(space.depthwise, key=order.__getitem__))
+    return ChannelGroup(producers[0], size, tuple(producers), norms, consumers, depthwise, space.fold)
 
 
 def _consumer(model: nn.Module, name: str, layout: str, size: int) -> Consumer:
@@ -287,13 +464,24 @@ def _consumer(model: nn.Module, name: str, layout: str, size: int) -> Consumer:
     d_in = layer.weight[0].numel()
     if isinstance(layer, nn.Conv2d):
         block = layer.kernel_size[0] * layer.kernel_size[1]
-    elif layout == VECTOR:
+        d_in *= layer.groups  # a grouped conv reads size/groups channels per block of rows
+    elif layout in (VECTOR, LAST):
         block = 1
     else:
         block = d_in // size
     if block * size != d_in:
         raise NapkitError(f"layer {name!r} has {d_in} inputs, not a multiple of the {size} channels it reads")
     return Consumer(name, block)
+
+
+def group_layers(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, PrunableLayer]:
+    """Producers and consumers of ``groups``: the layers whose K-FAC factors NAP's channel scores need.
+
+    Pass them as ``estimate_kfac(..., layers=...)``: a model's other Linear layers may never run as
+    modules (attention projections used through their weights, as in ViT and Swin).
+    """
+    names = {p for g in groups for p in g.producers} | {c.name for g in groups for c in g.consumers}
+    return {n: model.get_submodule(n) for n in sorted(names)}  # type: ignore[misc]
 
 
 def find_group(groups: list[ChannelGroup], group_id: str) -> ChannelGroup:
@@ -305,13 +493,16 @@ def find_group(groups: list[ChannelGroup], group_id: str) -> ChannelGroup:
 
 
 def saved_flops(model: nn.Module, group: ChannelGroup, layer_flops: dict[str, int]) -> float:
-    """FLOPs one channel's removal saves: its share of every producer's and every consumer's FLOPs.
+    """FLOPs one channel's removal saves: its share of every producer's, depthwise conv's and consumer's
+    FLOPs.
 
-    Conv/Linear FLOPs are bilinear in output and input channels, so the share is exact per channel.
+    Conv/Linear FLOPs are bilinear in output and input channels (a depthwise conv's are linear in its
+    channels), so the share is exact per channel.
     """
     saved = 0.0
-    for p in group.producers:
+    for p in group.producers + group.depthwise:
         saved += layer_flops[p] / rows(model.get_submodule(p))
     for c in group.consumers:
-        saved += layer_flops[c.name] / in_channels(model.get_submodule(c.name), c.block)
+        layer = model.get_submodule(c.name)
+        saved += layer_flops[c.name] / (in_channels(layer, c.block) * getattr(layer, "groups", 1))
     return saved

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,12 +24,19 @@ from torch import Tensor, nn
 
 from napkit.curvature import KFACFactors, weight_with_bias
 from napkit.errors import NapkitError, unknown_choice
-from napkit.evaluation.cost import layer_flops
-from napkit.layers import modes_kept
 from napkit.pruning.allocation import CannotPruneFurther
 from napkit.pruning.compensation import column_removal_update, quadratic_increase
 from napkit.structured.blocks import BRANCH, INNER, block_of, bottlenecks
-from napkit.structured.groups import ChannelGroup, channel_groups, find_group, in_channels, rows
+from napkit.structured.flops import module_flops
+from napkit.structured.groups import (
+    ChannelGroup,
+    channel_groups,
+    find_group,
+    in_channels,
+    rows,
+    trace_groups,
+    warn_unpruned,
+)
 from napkit.structured.importance import ChannelImportance, ScoreInputs, channel_importance_class
 from napkit.structured.latency import LatencyTable
 from napkit.structured.surgery import apply
@@ -39,9 +46,8 @@ ALLOCATIONS = ("global", "uniform")
 
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, dict[str, int]]:
-    """:func:`layer_flops` without leaving the model in eval mode."""
-    with modes_kept(model):
-        return layer_flops(model, input_shape)
+    """Total FLOPs and those of every Conv2d / Linear (depthwise too), modes kept (:func:`module_flops`)."""
+    return module_flops(model, input_shape)
 
 
 def count_params(model: nn.Module) -> int:
@@ -57,6 +63,7 @@ class _Layers:
     rows: Tensor
     channels: Tensor  # input channels (units of ``block`` columns)
     block: Tensor
+    fold: Tensor  # conv groups: ``fold`` removed input channels take one column block from each row
     bias: Tensor
     flops_unit: Tensor  # FLOPs per (row, input channel) pair
 
@@ -80,6 +87,8 @@ class CostModel:
             for c in g.consumers:
                 members.setdefault(c.name, [len(groups), len(groups)])[1] = i
                 block[c.name] = c.block
+            for d in g.depthwise:  # rows of the group, one fixed input unit: FLOPs linear in the channels
+                members.setdefault(d, [len(groups), len(groups)])[0] = i
         self.layers = self._layers(model, members, block, flops[1])
         norms = [(i, n, model.get_submodule(n)) for i, g in enumerate(groups) for n in g.norms]
         self.norm_group = torch.tensor([i for i, _, _ in norms], dtype=torch.long)
@@ -122,7 +131,7 @@ class CostModel:
         return _Layers(
             producer=longs([members[n][0] for n in names]),
             consumer=longs([members[n][1] for n in names]),
-            rows=r, channels=c, block=longs(blocks),
+            rows=r, channels=c, block=longs(blocks), fold=longs([getattr(layer, "groups", 1) for layer in layers]),
             bias=longs([int(layer.bias is not None) for layer in layers]),
             flops_unit=longs([per_layer[n] for n in names]) // (r * c),
         )
@@ -133,7 +142,7 @@ class CostModel:
         dead = (removed[self.block_inner] >= self.sizes[self.block_inner]).any(1)
         alive = ~torch.cat([dead, torch.zeros(1, dtype=torch.bool)])
         r = lay.rows - removed[lay.producer]
-        c = lay.channels - removed[lay.consumer]
+        c = lay.channels - removed[lay.consumer] // lay.fold
         shifts = (dead * (self.block_width - removed[self.block_residual])).sum()
         params = (alive[self.layer_block] * r * (c * lay.block + lay.bias)).sum() + (
             alive[self.norm_block] * self.norm_params * (self.norm_features - removed[self.norm_group])).sum() + shifts
@@ -167,6 +176,8 @@ class StructuredPruner:
     ``compensate`` refits the consumers of removed channels (module docstring); None: on exactly when
     the criterion uses curvature (NAP), off for the baselines. The factors it and the predicted increase
     use are damped by the criterion's ``damping`` when it has one, else by ``damping``.
+    ``ignore`` lists module-name prefixes left unpruned (``prune.ignore``); groups whose channel coupling
+    napkit does not understand are left unpruned too, named in one :class:`UnprunedLayersWarning`.
     """
 
     def __init__(
@@ -187,6 +198,7 @@ class StructuredPruner:
         latency: LatencyTable | None = None,
         remove_blocks: bool = False,
         compensate: bool | None = None,
+        ignore: Sequence[str] = (),
     ) -> None:
         self.importance = _criterion(importance, damping)
         self.compensate = self.importance.needs_curvature if compensate is None else bool(compensate)
@@ -208,9 +220,15 @@ class StructuredPruner:
         self.input_shape, self.step_fraction, self.allocation = input_shape, step_fraction, allocation
         self.min_channels, self.max_group_sparsity = min_channels, max_group_sparsity
         self.factors_provider = factors_provider
-        groups = channel_groups(dense)
+        self.ignore = tuple(ignore)
+        self.grouped = not self.importance.needs_curvature  # no K-FAC factors for grouped convs
+        tracing = trace_groups(dense, self.ignore, grouped=self.grouped)
+        groups = tracing.groups
         if not groups:
-            raise NapkitError(f"{type(dense).__name__} has no prunable channel groups")
+            why = sorted({r for reasons in tracing.unpruned.values() for r in reasons})
+            raise NapkitError(f"{type(dense).__name__} has no prunable channel groups (ignore={list(self.ignore)}; "
+                              f"its channels meet: {'; '.join(why[:10]) or 'no Conv2d/Linear layers'})")
+        self.unpruned = warn_unpruned(tracing)  # producers left unpruned by a coupling napkit cannot prune
         self.dense_groups = groups
         self._dense_group = {p: g for g in groups for p in g.producers}
         self.blocks = bottlenecks(dense) if remove_blocks else []
@@ -227,7 +245,7 @@ class StructuredPruner:
 
     def density(self, model: nn.Module) -> dict[str, float]:
         """Kept share of every dense group's channels in ``model`` (0 for a removed block's groups)."""
-        kept = {self.dense_group(g).id: g.size for g in channel_groups(model)}
+        kept = {self.dense_group(g).id: g.size for g in channel_groups(model, self.ignore, grouped=self.grouped)}
         return {g.id: kept.get(g.id, 0) / g.size for g in self.dense_groups}
 
     def _floor(self, group: ChannelGroup) -> int:
@@ -244,7 +262,7 @@ class StructuredPruner:
         if self.target is None:
             return
         room = torch.tensor([max(0, g.size - self._floor(g)) for g in groups])
-        room = self._rounded(room, torch.tensor([g.size for g in groups]))
+        room = self._rounded(room, torch.tensor([g.size for g in groups]), _folds(groups))
         best = self._reductions(*CostModel(dense, groups, flops).cost(room))
         kind, value = self.target
         if best[kind] < value * (1 - 1e-12):
@@ -254,11 +272,12 @@ class StructuredPruner:
                 f"{best[kind]:.3f}x fewer {kind}"
             )
 
-    def _rounded(self, removed: Tensor, sizes: Tensor) -> Tensor:
-        """Removals per group cut back so each group that loses channels keeps a multiple of ``round_to``."""
-        if self.round_to == 1:
+    def _rounded(self, removed: Tensor, sizes: Tensor, folds: Tensor) -> Tensor:
+        """Removals per group cut back so each group that loses channels keeps a multiple of ``round_to``
+        (and of its fold: grouped convs lose channels evenly from every group)."""
+        r = torch.lcm(torch.full_like(folds, self.round_to), folds)
+        if bool((r == 1).all()):
             return removed
-        r = self.round_to
         kept = torch.minimum(sizes, (sizes - removed + r - 1) // r * r)
         return torch.where(removed > 0, sizes - kept, removed)
 
@@ -281,7 +300,7 @@ class StructuredPruner:
 
     def __call__(self, model: nn.Module, iteration: int) -> nn.Module:
         """A new, smaller model; ``model`` itself when it already meets the target."""
-        groups = channel_groups(model)
+        groups = channel_groups(model, self.ignore, grouped=self.grouped)
         flops = count_flops(model, self.input_shape)
         needs = self.importance.needs_curvature or self.compensate
         factors = self.factors_provider(model, iteration) if needs and self.factors_provider else None
@@ -295,13 +314,13 @@ class StructuredPruner:
                 f"{self.min_channels}, max_group_sparsity={self.max_group_sparsity}) or unscored by "
                 f"{self.importance.name!r}"
             )
-        sizes = torch.tensor([g.size for g in groups])
-        k = self._stop(CostModel(model, groups, flops), group_of, sizes)
+        sizes, folds = torch.tensor([g.size for g in groups]), _folds(groups)
+        k = self._stop(CostModel(model, groups, flops), group_of, sizes, folds)
         self.last_predicted_increase, self.last_plan = math.nan, {}
         if k == 0:
             return model
-        group_of, channel = _first_per_group(group_of[:k], channel[:k],
-                                             self._rounded(torch.bincount(group_of[:k], minlength=len(groups)), sizes))
+        removed = self._rounded(torch.bincount(group_of[:k], minlength=len(groups)), sizes, folds)
+        group_of, channel = _first_per_group(group_of[:k], channel[:k], removed)
         if group_of.numel() == 0:
             raise CannotPruneFurther(f"cannot prune further: with round_to={self.round_to} no channel group can "
                                      f"lose a whole block of {self.round_to} channels in this step")
@@ -328,7 +347,12 @@ class StructuredPruner:
         group_of, channel, keys = [], [], []
         for i, g in enumerate(groups):
             score = _checked(scores, g)
-            order = torch.argsort(score, stable=True)
+            if g.fold > 1:  # rank positions (summed over the fold blocks); each brings its fold channels
+                score = score.view(g.fold, -1).sum(0).repeat(g.fold)
+                order = torch.argsort(score[: g.size // g.fold], stable=True)
+                order = (order[:, None] + torch.arange(g.fold) * (g.size // g.fold)).reshape(-1)
+            else:
+                order = torch.argsort(score, stable=True)
             order = order[torch.isfinite(score[order])][: max(0, g.size - self._floor(g))]
             if self.allocation == "uniform":
                 order = order[: max(1, round(self.step_fraction * g.size))]
@@ -342,7 +366,7 @@ class StructuredPruner:
             perm = perm[: max(1, round(self.step_fraction * sum(g.size for g in groups)))]
         return torch.cat(group_of)[perm], torch.cat(channel)[perm]
 
-    def _stop(self, cost: CostModel, group_of: Tensor, sizes: Tensor) -> int:
+    def _stop(self, cost: CostModel, group_of: Tensor, sizes: Tensor, folds: Tensor) -> int:
         """Length of the removal prefix: all of it, or the shortest prefix that reaches the target."""
         n = group_of.numel()
         if self.target is None:
@@ -350,7 +374,7 @@ class StructuredPruner:
         kind, value = self.target
 
         def reached(k: int) -> bool:
-            removed = self._rounded(torch.bincount(group_of[:k], minlength=cost.num_groups), sizes)
+            removed = self._rounded(torch.bincount(group_of[:k], minlength=cost.num_groups), sizes, folds)
             return self._reductions(*cost.cost(removed))[kind] >= value * (1 - 1e-12)
 
         if not reached(n):
@@ -448,6 +472,10 @@ def _checked(scores: dict[str, Tensor], group: ChannelGroup) -> Tensor:
     if bool(torch.isnan(score).any()):
         raise NapkitError(f"scores of group {group.id!r} contain NaN")
     return score
+
+
+def _folds(groups: list[ChannelGroup]) -> Tensor:
+    return torch.tensor([g.fold for g in groups], dtype=torch.long)
 
 
 def _first_per_group(group_of: Tensor, channel: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""Physical channel removal: smaller Conv2d / BatchNorm / Linear layers in a model of the same class.
+"""Physical channel removal: smaller Conv2d (depthwise too) / BatchNorm / Linear layers in a model of the same class.
 
 A pruned model is described by :func:`channel_counts` (out channels per producer; 0 for the inner
 convs of a bottleneck reduced to its shortcut), so it can be rebuilt without pickled code:
@@ -42,6 +42,12 @@ def _slice_rows(layer: nn.Module, keep: Tensor) -> None:
         layer.out_features = len(keep)
 
 
+def _slice_depthwise(conv: nn.Conv2d, keep: Tensor) -> None:
+    """Keep channels ``keep`` of a depthwise conv: its filters, and its groups with them."""
+    _slice_rows(conv, keep)
+    conv.in_channels = conv.groups = len(keep)
+
+
 def _slice_norm(norm: nn.Module, keep: Tensor) -> None:
     """Keep entries ``keep`` of a per-channel module (BatchNorm, a skipped block's shift): every
     parameter and every per-channel buffer (running statistics)."""
@@ -54,9 +60,11 @@ def _slice_norm(norm: nn.Module, keep: Tensor) -> None:
 
 
 def _slice_columns(layer: nn.Module, keep: Tensor, block: int) -> None:
-    """Keep input channels ``keep`` of a consumer: conv input channels, or Linear column blocks."""
+    """Keep input channels ``keep`` of a consumer: conv input channels (of a grouped conv: the same
+    positions in every group), or Linear column blocks."""
     if isinstance(layer, nn.Conv2d):
-        _set_param(layer, "weight", _take(layer.weight, keep, 1))
+        width = layer.in_channels // layer.groups
+        _set_param(layer, "weight", _take(layer.weight, keep[: len(keep) // layer.groups] % width, 1))
         layer.in_channels = len(keep)
         return
     cols = (keep[:, None] * block + torch.arange(block)).reshape(-1)
@@ -86,10 +94,18 @@ def prune_channels(model: nn.Module, group: ChannelGroup, keep: Tensor | Sequenc
     """Keep only channels ``keep`` of ``group`` in ``model`` (in place), removing the rest everywhere."""
     size = rows(model.get_submodule(group.producers[0]))
     idx = _keep_index(keep, size, group.id)
+    if group.fold > 1:  # the same positions of every one of the fold blocks
+        positions = idx[: len(idx) // group.fold]
+        even = torch.arange(group.fold)[:, None] * (size // group.fold) + positions
+        if len(idx) % group.fold or not torch.equal(even.reshape(-1), idx):
+            raise NapkitError(f"group {group.id!r} runs through grouped convs: it must keep the same channels in "
+                              f"each of its {group.fold} blocks of {size // group.fold}")
     for name in group.producers:
         _slice_rows(model.get_submodule(name), idx)
     for name in group.norms:
         _slice_norm(model.get_submodule(name), idx)
+    for name in group.depthwise:
+        _slice_depthwise(model.get_submodule(name), idx)
     for c in group.consumers:
         _slice_columns(model.get_submodule(c.name), idx, c.block)
 
@@ -102,7 +118,7 @@ def apply(model: nn.Module, plan: Plan, *, groups: list[ChannelGroup] | None = N
     its constant is that of the masked branch.
     ``groups`` (from :func:`channel_groups` on ``model``) saves tracing again.
     """
-    groups = channel_groups(model) if groups is None else groups
+    groups = channel_groups(model, grouped=True) if groups is None else groups
     blocks = bottlenecks(model)
     chosen = [(find_group(groups, gid), keep) for gid, keep in plan.items()]
     skips: dict[str, str] = {}
@@ -124,7 +140,7 @@ def apply(model: nn.Module, plan: Plan, *, groups: list[ChannelGroup] | None = N
 def channel_counts(model: nn.Module) -> dict[str, int]:
     """Architecture description of a (pruned) model: out channels of every producer of a prunable group,
     and 0 for the conv1 and conv2 of every bottleneck reduced to its shortcut."""
-    counts = {p: g.size for g in channel_groups(model) for p in g.producers}
+    counts = {p: g.size for g in channel_groups(model, grouped=True) for p in g.producers}
     return counts | {f"{b}.{layer}": 0 for b in skipped_blocks(model) for layer in INNER}
 
 
@@ -139,7 +155,7 @@ def slim_to(model: nn.Module, counts: Mapping[str, int]) -> nn.Module:
             skip_block(model, block)
     skipped = skipped_blocks(model)
     counts = {name: k for name, k in counts.items() if k != 0 or block_of(name, skipped) is None}
-    groups = channel_groups(model)
+    groups = channel_groups(model, grouped=True)
     expected = {p for g in groups for p in g.producers}
     if set(counts) != expected:
         missing, extra = sorted(expected - set(counts)), sorted(set(counts) - expected)
@@ -155,8 +171,12 @@ def slim_to(model: nn.Module, counts: Mapping[str, int]) -> nn.Module:
         k = sizes.pop()
         if not 1 <= k <= g.size:
             raise NapkitError(f"group {g.id!r} has {g.size} channels; cannot slim it to {k}")
-        if k < g.size:
-            prune_channels(model, g, torch.arange(k))
+        if k < g.size:  # the first k / fold channels of every block
+            block = g.size // g.fold
+            if k % g.fold:
+                raise NapkitError(f"group {g.id!r} runs through grouped convs: {k} is not a multiple of {g.fold}")
+            keep = torch.arange(g.fold)[:, None] * block + torch.arange(k // g.fold)
+            prune_channels(model, g, keep.reshape(-1))
     return model
 
 

@@ -1,0 +1,183 @@
+"""Zoo check: does structured pruning cover torchvision's classifiers?
+
+For each builder name (``torchvision.models.list_models(module=torchvision.models)``, 80 of them),
+build the model with random weights at a small input, prune it in one uniform (or global) L1 step to
+``target``x fewer FLOPs with :class:`~napkit.structured.pruner.StructuredPruner`, run the pruned model
+and measure the FLOPs it reached. ``python -m napkit.structured.zoo [--models ...]`` prints one row
+per model and, last, ``zoo_ok=<n>/<m>``. When Torch-Pruning (``torch_pruning``) is installed, each
+row also shows the FLOPs reduction its L1 ``MetaPruner`` reaches on the same model (same allocation,
+classifier output kept, stepped until the target), and ``tp_ok=<n>/<m>`` comes before the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torchvision
+from torch import nn
+
+from napkit.structured.groups import UnprunedLayersWarning
+from napkit.structured.pruner import StructuredPruner, count_flops
+
+NUM_CLASSES = 1000
+INPUT_SIZE = 64  # small enough for a CPU, large enough for every torchvision classifier but these:
+_SIZES = {"inception_v3": 96, "maxvit_t": 224} | {  # Swin pads every stage to whole 7x7 windows
+    f"swin_{v}": 224 for v in ("t", "s", "b", "v2_t", "v2_s", "v2_b")}
+_PATCH = {"vit_b_16": 16, "vit_b_32": 32, "vit_l_16": 16, "vit_l_32": 32, "vit_h_14": 14}
+
+
+@dataclass(frozen=True)
+class ZooRow:
+    """One model's outcome: ``ok`` when the pruned model runs and reached ``tolerance * target``."""
+
+    name: str
+    ok: bool
+    input_size: int
+    params: int
+    flops_reduction: float
+    params_reduction: float
+    unpruned: int  # producers left unpruned by a coupling napkit does not prune through
+    seconds: float
+    error: str = ""
+    tp_flops_reduction: float | None = None  # Torch-Pruning's, when it ran
+    tp_error: str = ""
+
+
+def torchvision_models() -> list[str]:
+    """Every classifier builder of ``torchvision.models``."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def build(name: str) -> tuple[nn.Module, int]:
+    """Randomly initialised torchvision classifier ``name`` and the input size it runs at."""
+    if name in _PATCH:  # ViTs take their image size as an argument; keep a 2x2 patch grid
+        size = 2 * _PATCH[name]
+        return torchvision.models.get_model(name, weights=None, image_size=size), size
+    size = _SIZES.get(name, INPUT_SIZE)
+    kwargs = {"input_size": (size, size)} if name == "maxvit_t" else {}
+    return torchvision.models.get_model(name, weights=None, **kwargs), size
+
+
+def num_params(name: str) -> int:
+    """Parameter count from torchvision's weight metadata (no download), for ordering runs by size."""
+    weights = torchvision.models.get_model_weights(name)
+    return int(next(iter(weights)).meta.get("num_params", 0))
+
+
+def check_model(
+    name: str, *, target: float = 2.0, allocation: str = "uniform", tolerance: float = 0.95,
+    ignore: Sequence[str] = (), torch_pruning: bool = False,
+) -> ZooRow:
+    """Prune torchvision model ``name`` to ``target``x fewer FLOPs in one L1 step and run it."""
+    start = time.perf_counter()
+    size, params = 0, 0
+    try:
+        torch.manual_seed(0)
+        model, size = build(name)
+        model.eval()
+        params = sum(p.numel() for p in model.parameters())
+        shape = (1, 3, size, size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnprunedLayersWarning)  # counted in the table instead
+            pruner = StructuredPruner("l1", model, input_shape=shape, step_fraction=1.0,
+                                      target_flops_reduction=target, allocation=allocation, ignore=ignore)
+        pruned = pruner(model, 0)
+        with torch.no_grad():
+            out = pruned(torch.randn(shape))
+        if tuple(out.shape) != (1, NUM_CLASSES):
+            raise RuntimeError(f"pruned model returns shape {tuple(out.shape)}")
+        dense_flops = count_flops(model, shape)[0]
+        flops = dense_flops / count_flops(pruned, shape)[0]
+        p_red = params / sum(p.numel() for p in pruned.parameters())
+        row = ZooRow(name, flops >= tolerance * target, size, params, flops, p_red, len(pruner.unpruned),
+                     time.perf_counter() - start)
+        if torch_pruning:
+            row = _with_torch_pruning(row, model, shape, target, allocation)
+        return row
+    except Exception as exc:  # noqa: BLE001 -- one model's failure is a row of the table, not the end of the run
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return ZooRow(name, False, size, params, 0.0, 0.0, 0, time.perf_counter() - start,
+                      f"{type(exc).__name__}: {first[:200]}")
+
+
+def torch_pruning_available() -> bool:
+    return importlib.util.find_spec("torch_pruning") is not None
+
+
+def _with_torch_pruning(row: ZooRow, model: nn.Module, shape: tuple[int, ...], target: float,
+                        allocation: str, steps: int = 30) -> ZooRow:
+    """``row`` with the FLOPs reduction Torch-Pruning's L1 MetaPruner reaches, stepping its pruning
+    ratio up to 0.9 in ``steps`` steps until ``target`` (or the error it raised)."""
+    import torch_pruning as tp
+
+    try:
+        model = copy.deepcopy(model)
+        x = torch.randn(shape)
+        head = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == NUM_CLASSES]
+        pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                      pruning_ratio=0.9, iterative_steps=steps, ignored_layers=head,
+                                      global_pruning=allocation == "global")
+        dense, reached = count_flops(model, shape)[0], 1.0
+        for _ in range(steps):
+            pruner.step()
+            reached = dense / count_flops(model, shape)[0]
+            if reached >= target:
+                break
+        with torch.no_grad():
+            model.eval()(x)
+        return replace(row, tp_flops_reduction=reached)
+    except Exception as exc:  # noqa: BLE001 -- Torch-Pruning's failure is a cell of the table
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return replace(row, tp_error=f"{type(exc).__name__}: {first[:80]}")
+
+
+def format_row(row: ZooRow, torch_pruning: bool = False) -> str:
+    status = "ok" if row.ok else "FAIL"
+    tp = ""
+    if torch_pruning:
+        tp = f"{row.tp_flops_reduction:>7.2f}x " if row.tp_flops_reduction is not None else f"{'err':>8} "
+    errors = "; ".join(e for e in (row.error, row.tp_error and f"TP {row.tp_error}") if e)
+    return (f"{row.name:<20} {status:<4} {row.input_size:>4} {row.params / 1e6:>8.1f}M "
+            f"{row.flops_reduction:>6.2f}x {row.params_reduction:>6.2f}x {row.unpruned:>5} {tp}"
+            f"{row.seconds:>7.1f}s  {errors}")
+
+
+def header(torch_pruning: bool = False) -> str:
+    tp = f" {'TP flops':>8}" if torch_pruning else ""
+    return f"{'model':<20} {'ok':<4} {'px':>4} {'params':>9} {'flops':>7} {'params':>7} {'unpr':>5}{tp} {'time':>8}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m napkit.structured.zoo", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", help="torchvision builder names (default: all 80)")
+    parser.add_argument("--target", type=float, default=2.0, help="FLOPs reduction factor (default 2)")
+    parser.add_argument("--allocation", default="uniform", choices=("uniform", "global"))
+    parser.add_argument("--max-params", type=float, default=None, help="skip models above this many millions")
+    parser.add_argument("--no-torch-pruning", action="store_true", help="skip the Torch-Pruning column")
+    args = parser.parse_args(argv)
+    tp = torch_pruning_available() and not args.no_torch_pruning
+    names = args.models or sorted(torchvision_models(), key=num_params)
+    if args.max_params is not None:
+        names = [n for n in names if num_params(n) <= args.max_params * 1e6]
+    print(header(tp), flush=True)
+    rows = []
+    for name in names:
+        rows.append(check_model(name, target=args.target, allocation=args.allocation, torch_pruning=tp))
+        print(format_row(rows[-1], tp), flush=True)
+    if tp:
+        reached = sum((r.tp_flops_reduction or 0.0) >= 0.95 * args.target for r in rows)
+        print(f"tp_ok={reached}/{len(rows)}")
+    print(f"zoo_ok={sum(r.ok for r in rows)}/{len(rows)}")
+    return 0 if all(r.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Structured pruning across torchvision's families: new couplings are exact, the rest is left unpruned."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torchvision import models as tvm
+from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+from torchvision.models.efficientnet import EfficientNet, MBConvConfig
+from torchvision.models.swin_transformer import SwinTransformer
+from torchvision.models.vision_transformer import VisionTransformer
+
+from napkit.curvature import estimate_kfac
+from napkit.errors import NapkitError
+from napkit.structured import (
+    ChannelGroup,
+    CostModel,
+    StructuredPruner,
+    apply,
+    channel_counts,
+    count_flops,
+    count_params,
+    group_layers,
+    slim_to,
+)
+from napkit.structured.groups import UnprunedLayersWarning, trace_groups
+from napkit.structured.zoo import check_model, main
+
+# one model per family at the zoo's input sizes (ViT a 2x2 patch grid, the rest 64 px); Swin needs 224 px
+# to reach 2x (every stage is padded to whole windows), so CI checks it on a tiny instance below
+FAMILIES = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "shufflenet_v2_x1_0",
+            "densenet121", "regnet_y_400mf", "vit_b_32"]
+
+
+def tiny(name: str) -> nn.Module:
+    """Small instances of each coupling: SE + depthwise, LayerNorm-coupled MLPs, attention, shuffle."""
+    torch.manual_seed(0)
+    if name == "convnext":
+        return ConvNeXt([CNBlockConfig(8, 16, 2), CNBlockConfig(16, None, 1)], num_classes=5)
+    if name == "vit":
+        return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                                 mlp_dim=24, num_classes=5)
+    if name == "swin":
+        return SwinTransformer([4, 4], 8, [1, 1], [1, 2], [2, 2], num_classes=5)
+    if name == "resnext":
+        return tvm.ResNet(tvm.resnet.Bottleneck, [1, 1, 1, 1], num_classes=5, groups=4, width_per_group=4)
+    if name == "mobilenet_v3_small":
+        return tvm.mobilenet_v3_small(width_mult=0.25, num_classes=5)
+    if name == "efficientnet":
+        setting = [MBConvConfig(1, 3, 1, 16, 8, 1), MBConvConfig(6, 5, 2, 8, 16, 2)]
+        return EfficientNet(setting, dropout=0.2, stochastic_depth_prob=0.2, num_classes=5)
+    return tvm.get_model(name, num_classes=5)
+
+
+TINY = ["mobilenet_v3_small", "efficientnet", "convnext", "vit", "swin", "shufflenet_v2_x0_5",
+        "regnet_y_400mf", "mnasnet0_5", "resnext", "regnet_x_400mf"]
+
+
+def randomize(model: nn.Module, gen: torch.Generator) -> None:
+    """Non-trivial BatchNorm statistics and affine terms, so eval-mode normalisation matters."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n, dtype = m.num_features, m.weight.dtype
+            m.weight.data = torch.rand(n, generator=gen, dtype=dtype) + 0.5
+            m.bias.data = torch.randn(n, generator=gen, dtype=dtype)
+            m.running_mean = torch.randn(n, generator=gen, dtype=dtype) * 0.1
+            m.running_var = torch.rand(n, generator=gen, dtype=dtype) + 0.5
+        elif isinstance(m, nn.Linear) and m.bias is not None:
+            m.bias.data = torch.randn(m.bias.shape, generator=gen, dtype=m.bias.dtype) * 0.1
+
+
+def random_plan(groups: list[ChannelGroup], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A random proper subset of every group; the same positions of every block of a folded group."""
+    plan = {}
+    for g in groups:
+        width = g.size // g.fold
+        keep = torch.randperm(width, generator=gen)[: int(torch.randint(1, width, (1,), generator=gen))]
+        plan[g.id] = (torch.arange(g.fold)[:, None] * width + keep).reshape(-1)
+    return plan
+
+
+def masked(model: nn.Module, groups: list[ChannelGroup], plan: dict[str, torch.Tensor]) -> nn.Module:
+    """Zero the removed channels instead: producer rows and bias, depthwise filters, norm weight and bias."""
+    out = copy.deepcopy(model)
+    for g in groups:
+        gone = torch.ones(g.size, dtype=torch.bool)
+        gone[plan[g.id]] = False
+        for name in g.producers + g.depthwise + g.norms:
+            m = out.get_submodule(name)
+            for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
+                if p is not None:
+                    p.data[gone] = 0.0
+    return out
+
+
+def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_prunes_to_half_the_flops_and_runs(name: str) -> None:
+    row = check_model(name)
+    assert row.ok, row
+    assert 2.0 <= row.flops_reduction < 2.2  # the step stops at the first channel reaching the target
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_removal_equals_masking(name: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    model = tiny(name).double().eval()
+    randomize(model, gen)
+    tracing = trace_groups(model, grouped=True)
+    assert tracing.groups, "every family has prunable groups"
+    plan = random_plan(tracing.groups, gen)
+    pruned = apply(model, plan, groups=tracing.groups)
+    assert count_params(pruned) < count_params(model)
+    x = torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(run(pruned, x), run(masked(model, tracing.groups, plan), x), rtol=1e-9, atol=1e-10)
+
+
+def test_couplings_land_in_the_right_groups() -> None:
+    groups = {g.id: g for g in trace_groups(tiny("mobilenet_v3_small")).groups}
+    # block 1: SE scale (fc2) coupled with the stem conv, through the depthwise conv
+    stem = groups["features.0.0"]
+    assert stem.producers == ("features.0.0", "features.1.block.1.fc2")
+    assert stem.depthwise == ("features.1.block.0.0",)
+    assert [c.name for c in stem.consumers] == ["features.1.block.1.fc1", "features.1.block.2.0"]
+    assert groups["features.1.block.1.fc1"].consumers[0].name == "features.1.block.1.fc2"  # SE hidden units
+    vit = {g.id: g for g in trace_groups(tiny("vit")).groups}
+    assert list(vit) == ["encoder.layers.encoder_layer_0.mlp.0", "encoder.layers.encoder_layer_1.mlp.0"]
+    assert vit["encoder.layers.encoder_layer_0.mlp.0"].consumers[0].block == 1
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext"])
+def test_cost_model_counts_depthwise_and_grouped_convs_exactly(name: str) -> None:
+    model = tiny(name)
+    shape = (1, 3, 32, 32)
+    groups = trace_groups(model, grouped=True).groups
+    assert any(g.depthwise for g in groups) or any(g.fold > 1 for g in groups)
+    plan = random_plan(groups, torch.Generator().manual_seed(2))
+    pruned = apply(model, plan, groups=groups)
+    removed = torch.tensor([g.size - len(plan[g.id]) for g in groups])
+    cost = CostModel(model, groups, count_flops(model, shape)).cost(removed)
+    assert cost == (count_params(pruned), count_flops(pruned, shape)[0])
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext"])
+def test_rebuild_depthwise_and_grouped_models_from_counts(name: str) -> None:
+    gen = torch.Generator().manual_seed(3)
+    model = tiny(name).eval()
+    pruned = apply(model, random_plan(trace_groups(model, grouped=True).groups, gen))
+    rebuilt = slim_to(tiny(name), channel_counts(pruned))
+    rebuilt.load_state_dict(pruned.state_dict())
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    assert torch.equal(run(rebuilt, x), run(pruned, x))
+
+
+def test_unsupported_coupling_is_one_warning_naming_the_layers() -> None:
+    model = tiny("convnext")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruner = StructuredPruner("l1", model, input_shape=(1, 3, 32, 32), step_fraction=0.5)
+    found = [w for w in caught if issubclass(w.category, UnprunedLayersWarning)]
+    assert len(found) == 1
+    message = str(found[0].message)
+    assert "LayerNorm features.3.0.block.2" in message and "features.0.0" in message
+    assert pruner.unpruned and "features.0.0" in pruner.unpruned
+    pruned = pruner(model, 0)  # the MLP hidden units still go
+    assert pruned.features[1][0].block[3].out_features < 32
+    assert run(pruned, torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+def test_ignore_leaves_those_layers_untouched() -> None:
+    model = tiny("mobilenet_v3_small")
+    ignore = ["features.1", "features.2.block.1"]
+    tracing = trace_groups(model, ignore)
+    members = [m for g in tracing.groups for m in g.producers + g.depthwise + g.norms]
+    members += [c.name for g in tracing.groups for c in g.consumers]
+    assert not [m for m in members if m.startswith(("features.1.", "features.2.block.1."))]
+    assert "features.0.0" in tracing.unpruned  # coupled with features.1 through its depthwise conv
+    assert len(tracing.groups) < len(trace_groups(model).groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnprunedLayersWarning)  # ignoring on purpose is no warning
+        pruner = StructuredPruner("l1", model, input_shape=(1, 3, 32, 32), step_fraction=0.5, ignore=ignore)
+    pruned = pruner(model, 0)
+    for name, m in model.named_modules():
+        if name.startswith(("features.1.", "features.2.block.1.")) and hasattr(m, "weight"):
+            assert pruned.get_submodule(name).weight.shape == m.weight.shape, name
+
+
+class _Shared(nn.Module):
+    """A conv applied twice (shared weights) next to an ordinary prunable pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.shared = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 4, 3), nn.Conv2d(4, 4, 1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.shared(self.shared(self.b(torch.relu(self.a(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_shared_layer_freezes_only_its_groups() -> None:
+    tracing = trace_groups(_Shared())
+    assert [g.id for g in tracing.groups] == ["a"]
+    assert any("runs twice" in r for r in tracing.unpruned["b"])
+
+
+def test_model_without_prunable_groups_fails_clearly() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 6, 6]), nn.Flatten(), nn.Linear(144, 2))
+    with pytest.raises(NapkitError, match="no prunable channel groups.*LayerNorm"):
+        StructuredPruner("l1", model, input_shape=(1, 3, 8, 8), step_fraction=0.5)
+
+
+def test_zoo_cli_prints_count_last(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--models", "resnet18", "mobilenet_v3_small", "--no-torch-pruning"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "zoo_ok=2/2"
+    assert lines[1].split()[:2] == ["resnet18", "ok"]
+
+
+def test_grouped_convs_couple_evenly_and_only_when_asked() -> None:
+    model = tiny("resnext")  # layer1.0.conv2: 16 -> 16 channels in 4 groups
+    plain = trace_groups(model)
+    assert "layer1.0.conv1" in plain.unpruned and any("Conv2d layer1.0.conv2" in r
+                                                      for r in plain.unpruned["layer1.0.conv1"])
+    groups = {g.id: g for g in trace_groups(model, grouped=True).groups}
+    inner = groups["layer1.0.conv1"]
+    assert (inner.fold, [c.name for c in inner.consumers]) == (4, ["layer1.0.conv2"])
+    assert groups["layer1.0.conv2"].fold == 4
+    uneven = torch.arange(1, 16)  # drops channel 0 of the first block only
+    with pytest.raises(NapkitError, match="same channels in each of its 4 blocks"):
+        apply(model, {"layer1.0.conv1": uneven})
+
+
+def test_l1_step_prunes_grouped_convs_evenly() -> None:
+    model = tiny("resnext").eval()
+    pruner = StructuredPruner("l1", model, input_shape=(1, 3, 32, 32), step_fraction=0.5, allocation="uniform")
+    pruned = pruner(model, 0)
+    conv = pruned.layer1[0].conv2
+    assert conv.groups == 4 and conv.in_channels == conv.out_channels == 8  # half of each group's 4 channels
+    assert run(pruned, torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "convnext", "vit", "swin"])
+def test_nap_scores_the_new_groups(name: str) -> None:
+    """NAP (K-FAC OBS) ranks SE, depthwise-coupled and MLP hidden-unit groups from their members' factors."""
+    model = tiny(name)
+    for m in model.modules():  # ViT's zero-initialised head would leave the loss flat
+        if isinstance(m, nn.Linear) and not m.weight.any():
+            nn.init.normal_(m.weight, std=0.1)
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(16, 3, 32, 32, generator=gen), torch.randint(0, 5, (16,), generator=gen)
+
+    def provider(m: nn.Module, iteration: int) -> dict:
+        layers = group_layers(m, trace_groups(m).groups)
+        return estimate_kfac(m, [(x, y)], layers=layers, num_samples=16, progress=False)
+
+    pruner = StructuredPruner("nap", model, input_shape=(1, 3, 32, 32), step_fraction=0.2,
+                              factors_provider=provider)
+    pruned = pruner(model, 1)
+    assert count_params(pruned) < count_params(model)
+    assert run(pruned, x[:2]).shape == (2, 5)
+
+
+class _Broadcast(nn.Module):
+    """A 1-channel spatial gate multiplied over 6 channels (CBAM style): shapes disagree, not an error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.gate, self.b = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 1, 1), nn.Conv2d(6, 4, 3)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(x)
+        x = torch.relu(self.b(x * torch.sigmoid(self.gate(x))))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_disagreeing_shapes_leave_only_that_group_unpruned() -> None:
+    tracing = trace_groups(_Broadcast())
+    assert [g.id for g in tracing.groups] == ["b"]
+    assert any("disagree" in r for r in tracing.unpruned["a"])
+
+
+# --- K-FAC of depthwise convs against brute force --------------------------------------------
+
+
+class _DepthwiseNet(nn.Module):
+    """conv -> ReLU -> depthwise 3x3 (bias, stride 2) -> ReLU -> linear, float64."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.conv, self.dw = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 3, 3, stride=2, groups=3)
+        out = (size - 3) // 2 + 1
+        self.fc = nn.Linear(3 * out * out, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.dw(torch.relu(self.conv(x)))).flatten(1))
+
+
+def test_depthwise_kfac_is_the_exact_fisher_for_one_example_at_one_position() -> None:
+    from napkit.curvature.depthwise import depthwise_terms, estimate_depthwise_kfac
+
+    torch.manual_seed(0)
+    model = _DepthwiseNet(3).double()  # a 3x3 input: one output position
+    x, y = torch.randn(1, 2, 3, 3, dtype=torch.float64), torch.tensor([2])
+    f = estimate_depthwise_kfac(model, [(x, y)], ["dw"], fisher="empirical")["dw"]
+    loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
+    gw, gb = torch.autograd.grad(loss, [model.dw.weight, model.dw.bias])
+    per_channel = torch.cat([gw.reshape(3, -1), gb[:, None]], 1)  # [C, 10]
+    exact = torch.einsum("ci,cj->cij", per_channel, per_channel)
+    torch.testing.assert_close(f.G[:, None, None] * f.A, exact, rtol=1e-10, atol=1e-12)
+    w = torch.cat([model.dw.weight.detach().reshape(3, -1), model.dw.bias.detach()[:, None]], 1)
+    torch.testing.assert_close(depthwise_terms(model, "dw", f), 0.5 * torch.einsum("ci,cij,cj->c", w, exact, w))
+
+
+def test_depthwise_kfac_factors_match_explicit_sums() -> None:
+    from napkit.curvature import sample_labels
+    from napkit.curvature.depthwise import estimate_depthwise_kfac
+
+    torch.manual_seed(1)
+    model = _DepthwiseNet(6).double().eval()  # T = 4 output positions
+    x = torch.randn(6, 2, 6, 6, dtype=torch.float64)
+    loader = [(x[:4], torch.zeros(4, dtype=torch.long)), (x[4:], torch.zeros(2, dtype=torch.long))]
+    f = estimate_depthwise_kfac(model, loader, ["dw"], fisher="true", seed=3)["dw"]
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        labels = torch.cat([sample_labels(model(b), gen) for b, _ in loader])
+    a_sum, g_sum = torch.zeros(3, 10, 10, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for n in range(6):
+        h = torch.relu(model.conv(x[n : n + 1])).detach().requires_grad_(False)
+        out = model.dw(h)
+        out.retain_grad()
+        nn.functional.cross_entropy(model.fc(torch.relu(out).flatten(1)), labels[n : n + 1], reduction="sum").backward()
+        for c in range(3):
+            for i in range(2):
+                for j in range(2):
+                    a = torch.cat([h[0, c, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].reshape(-1), torch.ones(1).double()])
+                    a_sum[c] += torch.outer(a, a)
+                    g_sum[c] += out.grad[0, c, i, j] ** 2
+    torch.testing.assert_close(f.A, a_sum / 24, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(f.G, g_sum / 6, rtol=1e-10, atol=1e-12)
+    assert f.num_samples == 6
