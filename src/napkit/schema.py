@@ -83,19 +83,37 @@ class Optimizer(BaseModel):
 
 
 class Model(Group):
+    """A registered model with its options, or any builder (a torchvision name, ``timm.create_model``,
+    ``my_package.my_builder``) whose own keyword arguments pass through (checked when it is built)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
     name: str
     width: Positive | None = None
     dropout: HalfOpen | None = None
     batch_norm: bool | None = None
     pretrained: bool | None = None
     zero_init_residual: bool | None = None
+    weights: Annotated[str, Field(min_length=1)] | None = None  # a trained weights file or torchvision's name
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         from napkit.models import list_models
+        from napkit.models.builders import is_builder_path, torchvision_name
 
-        return _registry(v, list_models())
+        if v in list_models() or torchvision_name(v) is not None or is_builder_path(v):
+            return v
+        return _registry(v, [*list_models(), "<any torchvision classifier>", "<package.module.builder>"])
+
+    @model_validator(mode="after")
+    def _own_keys(self) -> Model:
+        from napkit.models import list_models
+
+        extra = list(self.model_extra or {})
+        if extra and self.name in list_models():
+            valid = ", ".join(k for k in type(self).model_fields if k != "name")
+            raise Refused(extra[0], self.model_extra[extra[0]], f"unknown key; valid keys: name, {valid}")
+        return self
 
 
 class Data(Group):

@@ -250,6 +250,7 @@ def structured_parts(cfg: DictConfig, dense: nn.Module, input_shape: tuple[int, 
                               allocation=str(p.allocation), max_group_sparsity=float(s.max_group_sparsity),
                               round_to=int(s.get("round_to", 1)), factors_provider=factors, latency=latency,
                               remove_blocks=bool(s.get("remove_blocks", False)), compensate=s.get("compensate"),
+                              ignore=list(p.get("ignore") or []),
                               damping=float(p.get("damping", 0.1)))
     final = pruner.target
     template = copy.deepcopy(dense).cpu()
