@@ -405,7 +405,7 @@ CONFIG_CASES = [
     ("prune.max_iterations=0", r"prune\.max_iterations=0: allowed: an integer >= 1$"),
     ("prune.finetune_epochs=-1", r"prune\.finetune_epochs=-1: allowed: a number >= 0$"),
     ("prune.damping=0", r"prune\.damping=0: allowed: a number > 0"),
-    ("prune.compensate=maybe", r"prune\.compensate=maybe: allowed: true or false"),
+    ("prune.compensation=maybe", r"prune\.compensation=maybe: allowed: one of none, rowwise, exact"),
     ("prune.structured.round_to=0", r"prune\.structured\.round_to=0: allowed: an integer >= 1$"),
     ("prune.structured.max_group_sparsity=1", r"prune\.structured\.max_group_sparsity=1: allowed: a number in"),
     ("prune.structured.target_flops_reduction=1", r"target_flops_reduction=1: allowed: a number > 1, or null"),
@@ -783,9 +783,9 @@ def test_misspelled_key_in_params_yaml_and_in_overrides_is_refused(artifacts, un
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "napkit prune: error: prune.max_layer_sparsty=0.5: unknown key; valid keys: allocation, "
-        "bn_recalibration_batches, compensate, compensation, damping, finetune_epochs, grid, max_iterations, "
-        "max_layer_sparsity, method, mode, one_shot, recompute_curvature, step_fraction, structured, "
-        "target_compression, target_sparsity, tolerance"], proc.stderr
+        "bn_recalibration_batches, compensation, damping, eval_test, finetune_epochs, grid, ignore, max_exact, "
+        "max_iterations, max_layer_sparsity, method, mode, one_shot, recompute_curvature, step_fraction, "
+        "stop_on_tolerance, structured, target_compression, target_sparsity, tolerance"], proc.stderr
     proc = _entrypoint("pretrain", artifacts, "train.epochz=3")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
@@ -875,10 +875,12 @@ def test_sigint_in_process_exits_130_and_marks_the_run_killed(artifacts, unchang
     (["train.epochs=3", "+experiment.name=x", "train.optimizer.lr=0.1", "~prune.damping", "seed=1,2"], None),
     (["train.epochz=3"], "train.epochz=3: unknown key; valid keys: amp, epochs, label_smoothing, optimizer, "
                          "scheduler"),
-    (["prune.structured.roundto=8"], "prune.structured.roundto=8: unknown key; valid keys: "
-                                     "bn_recalibration_batches, latency_batch"),
-    (["sed=1"], "sed=1: unknown key; valid keys: chex, curvature, data, device, distributed, evaluate, "
-                "experiment, finetune, hydra, model, paths, pipeline, prune, seed, tracking, train"),
+    (["prune.structured.roundto=8"], "prune.structured.roundto=8: unknown key; valid keys: compensate, "
+                                     "latency_batch, max_group_sparsity, per_flop, remove_blocks, round_to, "
+                                     "step_fraction, target_flops_reduction, target_params_reduction, tolerance"),
+    (["sed=1"], "sed=1: unknown key; valid keys: chex, chex_flow, curvature, data, device, distributed, "
+                "dvc_flows, evaluate, experiment, finetune, hydra, model, paths, pipeline, prune, seed, tracking, "
+                "train"),
 ], ids=["groups", "valid_keys", "typo", "nested_typo", "top_level_typo"])
 def test_unknown_override_key_is_found_before_hydra(argv: list[str], bad: str | None) -> None:
     from napkit.schema import unknown_override

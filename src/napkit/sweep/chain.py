@@ -36,7 +36,7 @@ from napkit.provenance import code_version
 from napkit.schema import validate_config
 from napkit.errors import unknown_choice
 from napkit.stages import FLOWS, stage_runner
-from napkit.stages.common import stage_dir
+from napkit.stages.common import clean_checkpoints, stage_dir
 from napkit.tracking.mlflow_run import PIPELINE_TAG, StageTracker, flatten, pipeline_id, repo_root, tracking_uri
 
 log = logging.getLogger("napkit.sweep")
@@ -175,7 +175,7 @@ def _log_cache_hit(tracker: StageTracker, stage: str, out: Path, metrics: dict[s
     if stage == "prune" and (out / "layers.csv").is_file():  # the per-layer ratios at the kept iteration
         with (out / "layers.csv").open() as fh:
             density = {row["layer"]: float(row["density"]) for row in csv.DictReader(fh)}
-        tracker.log_metrics(density, step=int(metrics.get("kept_iteration", 0)), prefix="prune/density/")
+        tracker.log_metrics(density, prefix="prune/density/")  # a summary, as a computed prune logs it
     tracker.set_tags({f"napkit.stage.{stage}": "cached", f"napkit.cache.{stage}": str(out)})
 
 
@@ -227,6 +227,7 @@ def run_chain(cfg: DictConfig, *, stages: Sequence[str] | None = None, parent_ru
                     else:
                         log.info("%s: computing into %s", stage, out)
                         metrics = dict(stage_runner(stage)(cfg))
+                        clean_checkpoints(cfg, stage)  # completed: its resume state is dead weight
                         seconds = time.perf_counter() - t0
                         write_json(out / CHAIN_FILE, {"seconds": seconds, "run_id": result.run_id,
                                                       "host": socket.gethostname(), "finished": time.time(),
