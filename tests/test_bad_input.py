@@ -414,7 +414,7 @@ CONFIG_CASES = [
     ("chex.S=1.0", r"chex\.S=1\.0: allowed: a number in \[0, 1\)$"),
     ("chex.dT=0", r"chex\.dT=0: allowed: an integer >= 1$"),
     ("chex.regrowth=greedy", r"chex\.regrowth=greedy: allowed: one of importance, random$"),
-    ("model.name=vgg17", r"model\.name=vgg17: allowed: one of alexnet, .*lenet5.*vgg16_small$"),
+    ("model.name=vgg17", r"model\.name=vgg17: allowed: one of alexnet, .*lenet5.*vgg16_small, <any torchvision classifier>, <package.module.builder>$"),
     ("data.name=svhn", r"data\.name=svhn: allowed: one of cifar10, digits, imagenet, mnist$"),
     ("device=tpu", r"device=tpu: allowed: one of auto, cpu, cuda, cuda:N, mps$"),
     ("distributed.backend=mpi", r"distributed\.backend=mpi: allowed: one of auto, gloo, nccl$"),
@@ -423,7 +423,7 @@ CONFIG_CASES = [
                                                    r"importable class"),
     ("+train.epochz=3", r"train\.epochz=3: unknown key; valid keys: amp, epochs, label_smoothing, optimizer, "
                         r"scheduler$"),
-    ("+seedd=1", r"seedd=1: unknown key; valid keys: chex, curvature, data, .*seed"),
+    ("+seedd=1", r"seedd=1: unknown key; valid keys: chex, chex_flow, curvature, data, .*seed"),
     ("+prune.structured.per_flopp=true", r"per_flopp=True: unknown key; valid keys: .*per_flop"),
     ("+train.optimizer.lrr=0.1", r"train\.optimizer\.lrr=0\.1: unknown key; valid keys: _target_, _partial_, lr,"),
     ("+model.depth=3", r"model\.depth=3: unknown key; valid keys: batch_norm, dropout, name"),
@@ -445,7 +445,7 @@ def test_free_form_experiment_metadata_and_valid_configs_pass(compose_cfg) -> No
     for group in ("model", "data", "prune", "tracking"):
         for option in sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")):
             validate_config(compose_cfg(f"{group}={option}"))
-    validate_config(compose_cfg("+experiment.name=baseline", "+experiment.notes={a: 1}", "+pipeline=chex"))
+    validate_config(compose_cfg("+experiment.name=baseline", "+experiment.notes={a: 1}", "pipeline=chex"))
     validate_config(OmegaConf.load(ROOT / "params.yaml"))
 
 

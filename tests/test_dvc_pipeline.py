@@ -187,7 +187,7 @@ ALL = set(STAGES)
 # nearly all of src/napkit), its entrypoint, the params.yaml sections and the upstream outputs.
 PARAM_READERS = {"seed": ALL, "data.eval_batch_size": ALL, "data.subset_train": ALL, "model.width": {"pretrain"},
                  "train.epochs": {"pretrain"}, "curvature.num_samples": {"curvature", "prune"},
-                 "prune.step_fraction": {"prune"}, "finetune.epochs": {"prune", "finetune"},
+                 "prune.step_fraction": {"prune", "finetune"}, "finetune.epochs": {"prune", "finetune"},
                  "evaluate.latency_repeats": {"evaluate"},
                  # run settings, not results
                  "tracking.experiment": set(), "paths.cache": set(), "device": set()}

@@ -84,21 +84,22 @@ def _checkpoints(cfg, *names: str) -> list[Path]:
 
 
 def test_a_completed_stage_deletes_its_resume_checkpoints_a_failed_one_keeps_them(compose_cfg, tmp_path) -> None:
+    # pretrain: the stage whose inputs (the embedded data) the probes find without upstream outputs
     cfg = compose_cfg(f"paths.artifacts={tmp_path}", "tracking=disabled")
-    mine = _checkpoints(cfg, "prune_loop", "prune_iter1", "prune_iter2")
+    mine = _checkpoints(cfg, "pretrain")
     latency = checkpoint_path(cfg, "prune_latency").with_suffix(".json")
     latency.write_text("{}")
-    others = _checkpoints(cfg, "pretrain", "finetune")
+    others = [*_checkpoints(cfg, "prune_loop", "prune_iter1", "finetune"), latency]
 
     def failing(_cfg) -> dict[str, float]:
-        raise RuntimeError("killed in iteration 3")
+        raise RuntimeError("killed in epoch 3")
 
     with pytest.raises(RuntimeError):
-        run_stage("prune", cfg, failing)
-    assert all(p.is_file() for p in [*mine, latency, *others])  # a rerun resumes from them
+        run_stage("pretrain", cfg, failing)
+    assert all(p.is_file() for p in [*mine, *others])  # a rerun resumes from them
 
-    run_stage("prune", cfg, lambda _cfg: {"sparsity": 0.9})
-    assert not any(p.exists() for p in [*mine, latency])
+    run_stage("pretrain", cfg, lambda _cfg: {"val_top1": 90.0})
+    assert not any(p.exists() for p in mine)
     assert all(p.is_file() for p in others)  # other stages' state is theirs to delete
 
 

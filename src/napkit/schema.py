@@ -111,8 +111,8 @@ class Model(Group):
 
         extra = list(self.model_extra or {})
         if extra and self.name in list_models():
-            valid = ", ".join(k for k in type(self).model_fields if k != "name")
-            raise Refused(extra[0], self.model_extra[extra[0]], f"unknown key; valid keys: name, {valid}")
+            valid = ", ".join(sorted(type(self).model_fields))
+            raise Refused(extra[0], self.model_extra[extra[0]], f"unknown key; valid keys: {valid}")
         return self
 
 

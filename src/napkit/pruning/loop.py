@@ -111,6 +111,7 @@ class IterativePruner:
                 self.on_record(records[0])
         else:
             state, best, records = resumed
+        self.records = records  # the path so far, growing as the loop runs (steps may read the last record)
         reason = self._iterate(state, records, best, checkpoint, fingerprint)
         log.info("prune loop stopped (%s); kept iteration %d: %s, val top-1 %.2f", reason, best.iteration,
                  records[best.iteration].measures, records[best.iteration].val_top1)

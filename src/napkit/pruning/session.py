@@ -107,9 +107,9 @@ def _grid(p: DictConfig) -> list[float]:
     return sorted(float(g) for g in (p.get("grid") or []))
 
 
-def _next_point(grid: Sequence[float], reached: float) -> float:
+def _next_point(grid: Sequence[float], reached: Callable[[float], bool]) -> float:
     """The first grid point not yet reached (the last one once all are)."""
-    return next((g for g in grid if reached < g * (1 - 1e-9)), grid[-1])
+    return next((g for g in grid if not reached(g)), grid[-1])
 
 
 def run_pruning(model: nn.Module, data: PruneData, cfg: DictConfig, *, factors: FactorsProvider,
@@ -136,7 +136,6 @@ def run_pruning(model: nn.Module, data: PruneData, cfg: DictConfig, *, factors: 
     test_batches = (make_loader(data.test, batch_size=eval_batch, shuffle=False, seed=0)
                     if p.get("eval_test", False) and data.test is not None else None)
     pre: dict[int, dict[str, float]] = {}  # per iteration: what was measured before its fine-tune
-    losses: list[float] = []  # validation loss after every iteration (this process)
     current = [0]  # the iteration being recorded
 
     if mode == "structured":
@@ -151,12 +150,13 @@ def run_pruning(model: nn.Module, data: PruneData, cfg: DictConfig, *, factors: 
         if not grid:
             return
         pruner = pruner_of()
-        if mode == "structured":
-            pruner.target = ("flops", _next_point(grid, pruner.measure(m.cpu())["flops_reduction"]))
-        else:
+        if mode == "structured":  # reached as the pruner judges it: within float error of the point
+            have = pruner.measure(m.cpu())["flops_reduction"]
+            pruner.target = ("flops", _next_point(grid, lambda g: have >= g * (1 - 1e-12)))
+        else:  # reached as the pruner counts it: kept <= ceil((1 - target) * total), the same rounding
             assert mk is not None
             kept, total = mk.counts()
-            pruner.target = 1.0 - 1.0 / _next_point(grid, total / max(kept, 1))
+            pruner.target = 1.0 - 1.0 / _next_point(grid, lambda g: kept <= math.ceil((1.0 - (1.0 - 1.0 / g)) * total))
 
     def grid_step(m: nn.Module, mk: MaskSet | None, it: int) -> tuple[nn.Module, MaskSet | None]:
         set_grid_target(m, mk)
@@ -167,8 +167,8 @@ def run_pruning(model: nn.Module, data: PruneData, cfg: DictConfig, *, factors: 
             recalibrate_bn(m, ((x.to(device), y) for x, y in loader), recal)
         val = evaluate(m, val_batches, device=device, desc="prune val (before fine-tune)", progress=False)
         pre[it] = {"val_top1_pre_ft": val["top1"], "val_loss_pre_ft": val["loss"]}
-        if losses:  # the validation loss the step started from (unknown right after a resume)
-            pre[it]["measured_loss_increase"] = val["loss"] - losses[-1]
+        # against the validation loss the step started from (the loop's last record, resumed ones included)
+        pre[it]["measured_loss_increase"] = val["loss"] - loop.records[-1].val_loss
         current[0] = it
         predicted = getattr(pruner_of(), "last_predicted_increase", None)  # the criterion's quadratic model
         if predicted is not None and math.isfinite(predicted):
@@ -193,9 +193,7 @@ def run_pruning(model: nn.Module, data: PruneData, cfg: DictConfig, *, factors: 
         return out
 
     def validate(m: nn.Module) -> dict[str, float]:
-        val = evaluate(m, val_batches, device=device, desc="prune val", progress=progress)
-        losses.append(val["loss"])
-        return val
+        return evaluate(m, val_batches, device=device, desc="prune val", progress=progress)
 
     loop = IterativePruner(step=grid_step, finetune=finetune, validate=validate, measure=measured,
                            reached=parts["reached"], tolerance=tolerance, max_iterations=int(p.max_iterations),
@@ -205,7 +203,8 @@ def run_pruning(model: nn.Module, data: PruneData, cfg: DictConfig, *, factors: 
     with tempfile.TemporaryDirectory(prefix="napkit-prune-") as scratch:
         resumable = checkpoint_for is not None
         if checkpoint_for is None:  # no resume: the fine-tunes' checkpoints go to a folder removed afterwards
-            checkpoint_for = lambda name: Path(scratch) / f"{name}.pt"
+            def checkpoint_for(name: str) -> Path:
+                return Path(scratch) / f"{name}.pt"
         model, masks, result = loop.run(model.to(device), masks,
                                         checkpoint=checkpoint_for("prune_loop") if resumable else None,
                                         fingerprint=fingerprint)

@@ -188,7 +188,6 @@ def run_chain(cfg: DictConfig, *, stages: Sequence[str] | None = None, parent_ru
     ``parent_run_id`` makes the run a child of a sweep's parent run. ``catch=True`` (multirun)
     turns a failing stage into a FAILED run and a returned result instead of an exception.
     """
-    validate_config(cfg)  # a bad value fails here, in one line, before any job's work
     cfg = prepare(cfg)
     stages = flow(cfg) if stages is None else stages
     result = ChainResult()
@@ -211,6 +210,7 @@ def run_chain(cfg: DictConfig, *, stages: Sequence[str] | None = None, parent_ru
     with _forced_run(result.run_id):
         tracker = StageTracker(client, result.run_id, "chain")
         try:
+            validate_config(cfg)  # a bad value fails in one line before any stage's work
             for stage in stages:
                 current = stage
                 out = stage_dir(cfg, stage)
