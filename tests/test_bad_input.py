@@ -427,7 +427,7 @@ CONFIG_CASES = [
     ("+prune.structured.per_flopp=true", r"per_flopp=True: unknown key; valid keys: .*per_flop"),
     ("+train.optimizer.lrr=0.1", r"train\.optimizer\.lrr=0\.1: unknown key; valid keys: _target_, _partial_, lr,"),
     ("+model.depth=3", r"model\.depth=3: unknown key; valid keys: batch_norm, dropout, name"),
-    ("+pipeline=foo", r"pipeline=foo: allowed: one of nap, chex$"),
+    ("pipeline=foo", r"pipeline=foo: allowed: one of nap, chex$"),
 ]
 
 

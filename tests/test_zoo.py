@@ -348,3 +348,14 @@ def test_depthwise_kfac_factors_match_explicit_sums() -> None:
     torch.testing.assert_close(f.A, a_sum / 24, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(f.G, g_sum / 6, rtol=1e-10, atol=1e-12)
     assert f.num_samples == 6
+
+
+def test_a_plain_conv_pruned_to_one_channel_of_a_grey_input_stays_a_producer() -> None:
+    """groups == in == out == 1 is a plain conv, not a depthwise one: its group (size 1) is still described,
+    so a model pruned that far is rebuilt from its channel counts (a grey ResNet stem at max sparsity)."""
+    from napkit.structured.groups import is_depthwise, trace_groups
+
+    model = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1, bias=False), nn.BatchNorm2d(1), nn.ReLU(),
+                          nn.Conv2d(1, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    assert not is_depthwise(model[0]) and is_depthwise(nn.Conv2d(4, 4, 3, groups=4))
+    assert [g.id for g in trace_groups(model).groups] == ["0", "3"]

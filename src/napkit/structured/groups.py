@@ -130,8 +130,10 @@ class _Value:
 
 
 def is_depthwise(module: nn.Module) -> bool:
-    """A Conv2d with one filter per channel: output channel c reads input channel c only."""
-    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels
+    """A Conv2d with one filter per channel: output channel c reads input channel c only. A plain conv
+    (groups 1) pruned to one output channel of a one-channel input is not one: it stays a producer."""
+    return (isinstance(module, nn.Conv2d) and module.groups > 1
+            and module.groups == module.in_channels == module.out_channels)
 
 
 def is_grouped(module: nn.Module) -> bool:
