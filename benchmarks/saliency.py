@@ -33,9 +33,8 @@ from torch.utils.data import Subset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import dense_model, load_splits, log, print_table, pyplot, save_figure  # noqa: E402
 
-from napkit.data import make_loader  # noqa: E402
-
 from napkit.curvature import estimate_kfac  # noqa: E402
+from napkit.data import make_loader  # noqa: E402
 from napkit.layers import prunable_layers  # noqa: E402
 from napkit.pruning.compensation import obs_compensate_  # noqa: E402
 from napkit.pruning.importance import create_importance  # noqa: E402
@@ -77,7 +76,7 @@ def measure(model, layers, samples, x, y, base: float, factors=None, damping: fl
         k = next(i for i, s in enumerate(seq) if s is layer)
 
         @torch.no_grad()
-        def loss_from_layer() -> float:
+        def loss_from_layer(k: int = k) -> float:
             h = inputs[k]
             for s in seq[k:]:
                 h = s(h)

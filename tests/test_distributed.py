@@ -16,9 +16,9 @@ from mlflow.tracking import MlflowClient
 
 from napkit.artifacts import load_model
 from napkit.curvature import load_factors
+from napkit.curvature.sampling import estimate
 from napkit.io import load_tensors, load_torch
 from napkit.stages.common import load_splits, stage_dir
-from napkit.curvature.sampling import estimate
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["data.subset_train=256", "train.epochs=1", "model=alexnet_small", "model.width=0.125", "curvature.num_samples=96",

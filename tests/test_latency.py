@@ -73,7 +73,7 @@ def test_noisy_timings_never_make_a_removal_a_slow_down() -> None:
     table = LatencyTable.measure(dense, SHAPE, timer=noisy, progress=False)
     for g in channel_groups(dense):
         assert table.saved_ms(dense, g) > 0
-    for outs, ins, grid in table._grids.values():
+    for _outs, _ins, grid in table._grids.values():
         assert bool((grid.diff(dim=0) >= 0).all()) and bool((grid.diff(dim=1) >= 0).all())
 
 

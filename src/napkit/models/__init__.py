@@ -83,13 +83,13 @@ def _check_options(name: str, builder: Callable[..., nn.Module], kwargs: dict[st
 
 
 # Importing the builder modules registers them; they import register_model from above.
-from napkit.models import (
+from napkit.models import (  # noqa: E402
     builders,
     imagenet,
     lenet,
     small,
 )
-from napkit.models.weights import load_weights
+from napkit.models.weights import load_weights  # noqa: E402
 
 __all__ = ["builders", "create_model", "imagenet", "lenet", "list_models", "load_weights", "register_model",
            "small"]

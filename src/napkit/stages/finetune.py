@@ -7,12 +7,19 @@ import time
 from omegaconf import DictConfig
 
 from napkit.artifacts import MASKS, MODEL_JSON, MODEL_WEIGHTS, load_model, save_model
+from napkit.data import make_loader
 from napkit.distributed import world
 from napkit.hashing import file_digest
-from napkit.stages.common import (checkpoint_path, load_splits, seed_everything, stage_dir, stage_key, write_csv,
-                                  write_metrics)
+from napkit.stages.common import (
+    checkpoint_path,
+    load_splits,
+    seed_everything,
+    stage_dir,
+    stage_key,
+    write_csv,
+    write_metrics,
+)
 from napkit.tracking import stage_run
-from napkit.data import make_loader
 from napkit.training.engine import evaluate, resolve_device
 from napkit.training.trainer import fit
 

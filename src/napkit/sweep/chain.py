@@ -31,13 +31,20 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from napkit.data import data_fingerprint
+from napkit.errors import unknown_choice
 from napkit.io import read_json, write_json
 from napkit.provenance import code_version
 from napkit.schema import validate_config
-from napkit.errors import unknown_choice
 from napkit.stages import FLOWS, stage_runner
 from napkit.stages.common import clean_checkpoints, stage_dir
-from napkit.tracking.mlflow_run import PIPELINE_TAG, StageTracker, flatten, pipeline_id, repo_root, tracking_uri
+from napkit.tracking.mlflow_run import (
+    PIPELINE_TAG,
+    StageTracker,
+    flatten,
+    pipeline_id,
+    repo_root,
+    tracking_uri,
+)
 
 log = logging.getLogger("napkit.sweep")
 
