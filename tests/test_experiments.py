@@ -87,6 +87,8 @@ def test_one_shot_preset_runs_the_grid_and_the_report_prints_its_figure(tmp_path
     figure = re.search(r"^one_shot_nap_vs_magnitude=([0-9.]+)$", out, flags=re.M)
     assert figure and float(figure.group(1)) > 0
     assert "| lenet5 | nap | 2 |" in (tmp_path / "r.md").read_text()
+    # trade-off, per-layer density, and NAP's predicted against measured loss increase per step
+    assert sorted(p.name for p in (tmp_path / "r_files").glob("plot0_*.png")) == [f"plot0_{i}.png" for i in range(3)]
 
 
 @pytest.mark.slow

@@ -36,6 +36,8 @@ class SeriesRun:
     seed: int
     grid: list[tuple[float, float, float]] = field(default_factory=list)  # (x, pre-ft top-1, top-1)
     final_top1: float | None = None
+    # per pruning step: the criterion's predicted loss increase and the measured one (validation loss)
+    loss_increase: list[tuple[float, float]] = field(default_factory=list)
 
 
 @dataclass

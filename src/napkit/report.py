@@ -148,7 +148,7 @@ def _density(client: MlflowClient, run: Run, workdir: Path) -> dict[str, float]:
 def _series(client: MlflowClient, run: Run, row: RunRow, workdir: Path) -> SeriesRun:
     """The run's grid series from its ``prune/iterations.csv`` (test top-1 per iteration, with
     ``prune.eval_test``) and its final test top-1."""
-    grid = []
+    grid, loss = [], []
     try:
         local = client.download_artifacts(run.info.run_id, "prune/iterations.csv", str(workdir))
         with open(local) as fh:
@@ -157,10 +157,34 @@ def _series(client: MlflowClient, run: Run, row: RunRow, workdir: Path) -> Serie
                 if x and rec.get("test_top1"):
                     grid.append((float(x), float(rec.get("test_top1_pre_ft") or rec["test_top1"]),
                                  float(rec["test_top1"])))
+                if rec.get("predicted_loss_increase") and rec.get("measured_loss_increase"):
+                    loss.append((float(rec["predicted_loss_increase"]), float(rec["measured_loss_increase"])))
     except Exception:  # noqa: BLE001 - a run without the table (CHEX, a failed run) has no grid series
-        grid = []
+        grid, loss = [], []
     return SeriesRun(model=row.model, method=row.method, seed=int(row.params.get("seed", 0) or 0), grid=grid,
-                     final_top1=row.m("evaluate/top1"))
+                     final_top1=row.m("evaluate/top1"), loss_increase=loss)
+
+
+def plot_loss_prediction(model: str, rows: list[RunRow]) -> bytes | None:
+    """Each step's predicted loss increase (the criterion's K-FAC quadratic model) against the measured
+    one (validation loss before the step's fine-tune minus after the previous one), per method."""
+    runs = [r for r in rows if r.series is not None and r.series.loss_increase]
+    if not runs:
+        return None
+    methods = sorted({r.method for r in runs})
+    colors = _colors(methods)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for method in methods:
+        pts = [p for r in runs if r.method == method for p in r.series.loss_increase]
+        ax.scatter(*zip(*pts, strict=True), s=14, color=colors[method], label=method)
+    values = [v for r in runs for p in r.series.loss_increase for v in p]
+    lo, hi = min(values), max(values)
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--", label="predicted = measured")
+    ax.set_xlabel("predicted loss increase (K-FAC)")
+    ax.set_ylabel("measured loss increase (validation)")
+    ax.set_title(f"{model}: does the criterion predict what a step costs?")
+    ax.legend(fontsize=8)
+    return _png(fig)
 
 
 def figure_of(rows: list[RunRow]) -> Figure | None:
@@ -398,9 +422,8 @@ def build(client: MlflowClient, experiment: str, out: Path, sweep: str | None = 
     sections = []
     for model in sorted(by_model):
         images = [plot_tradeoff(model, by_model[model])]
-        layers = plot_layers(model, by_model[model])
-        if layers:
-            images.append(layers)
+        images += [png for png in (plot_layers(model, by_model[model]),
+                                   plot_loss_prediction(model, by_model[model])) if png]
         sections.append((model, images))
     finished = sum(r.status == "FINISHED" for r in rows)
     title = f"napkit comparison: {experiment}" + (f", sweep {sweep}" if sweep else "")
