@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from test_structured import randomize_norms
 from torch import nn
 from torchvision import models as tvm
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
@@ -61,15 +62,10 @@ TINY = ["mobilenet_v3_small", "efficientnet", "convnext", "vit", "swin", "shuffl
 
 
 def randomize(model: nn.Module, gen: torch.Generator) -> None:
-    """Non-trivial BatchNorm statistics and affine terms, so eval-mode normalisation matters."""
+    """Non-trivial BatchNorm statistics and affine terms (eval-mode normalisation matters), and Linear biases."""
+    randomize_norms(model, gen)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n, dtype = m.num_features, m.weight.dtype
-            m.weight.data = torch.rand(n, generator=gen, dtype=dtype) + 0.5
-            m.bias.data = torch.randn(n, generator=gen, dtype=dtype)
-            m.running_mean = torch.randn(n, generator=gen, dtype=dtype) * 0.1
-            m.running_var = torch.rand(n, generator=gen, dtype=dtype) + 0.5
-        elif isinstance(m, nn.Linear) and m.bias is not None:
+        if isinstance(m, nn.Linear) and m.bias is not None:
             m.bias.data = torch.randn(m.bias.shape, generator=gen, dtype=m.bias.dtype) * 0.1
 
 
