@@ -330,3 +330,17 @@ def test_dead_units_score_zero_whatever_the_damping() -> None:
         channels = create_channel_importance("nap", damping=damping)(model, channel_groups(model),
                                                                      ScoreInputs(factors))["1"]
         assert float(channels[2]) == 0.0 and bool((channels[[0, 1, 3, 4]] > 0).all())
+
+
+def test_damping_regularises_the_solve_and_the_prediction_is_the_undamped_model() -> None:
+    layer, f = _case(True, False, seed=4)
+    kept, newly = _masks(0.2, 0.3, seed=4)
+    with torch.no_grad():
+        layer.weight.mul_(kept)
+    twin = copy.deepcopy(layer)
+    w0 = weight_with_bias(layer).clone()
+    out = obs_compensate_(layer, f, newly, kept=kept, method="exact", damping=0.3)
+    obs_compensate_(twin, f.damped(0.3), newly, kept=kept, method="exact")
+    torch.testing.assert_close(weight_with_bias(layer), weight_with_bias(twin))
+    d = (weight_with_bias(layer) - w0).reshape(-1)
+    assert out.predicted == pytest.approx(0.5 * float(d @ f.kron_dense() @ d), rel=1e-10)

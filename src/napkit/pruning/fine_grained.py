@@ -43,7 +43,8 @@ class FineGrainedPruner:
     ``compensation`` (:data:`~napkit.pruning.compensation.COMPENSATIONS`) is how the surviving weights
     of a layer absorb the pruned ones: ``exact`` joint OBS under K-FAC (layers whose system exceeds
     ``max_exact`` unknowns fall back to ``rowwise``), ``rowwise`` (OBC/SparseGPT), or ``none``.
-    ``damping`` damps the factors the compensation and the predicted increase use.
+    ``damping`` damps the factors the compensation solves with; the predicted increase
+    (``last_predicted_increase``) is the undamped K-FAC quadratic model at the update applied.
     """
 
     def __init__(self, criterion: Importance, *, step_fraction: float, target: float | None,
@@ -60,7 +61,7 @@ class FineGrainedPruner:
         self.criterion, self.step_fraction, self.target = criterion, step_fraction, target
         self.allocation, self.max_layer_sparsity = allocation, max_layer_sparsity
         self.compensation, self.max_exact, self.damping, self.factors = compensation, max_exact, damping, factors
-        self.last_predicted_increase = math.nan  # K-FAC quadratic model of the last step (nan: no factors)
+        self.last_predicted_increase = math.nan  # undamped K-FAC quadratic model of the last step (nan: no factors)
         self.last_predicted: dict[str, float] = {}  # the same per layer
         self.last_methods: dict[str, str] = {}  # compensation applied per layer (exact may fall back)
 
@@ -114,8 +115,8 @@ class FineGrainedPruner:
             newly = masks.masks[name] & ~new.masks[name]
             if name not in factors or not bool(newly.any()):
                 continue
-            done = obs_compensate_(layers[name], factors[name].to(torch.float64).damped(self.damping), newly,
-                                   kept=masks.masks[name], method=self.compensation, max_exact=self.max_exact)
+            done = obs_compensate_(layers[name], factors[name].to(torch.float64), newly, kept=masks.masks[name],
+                                   method=self.compensation, damping=self.damping, max_exact=self.max_exact)
             self.last_predicted[name], self.last_methods[name] = done.predicted, done.method
         covered = all(n in factors for n in new.masks)
         self.last_predicted_increase = sum(self.last_predicted.values()) if covered else math.nan
