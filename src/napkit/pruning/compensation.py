@@ -180,12 +180,13 @@ def obs_update(w_h: Tensor, removed: Tensor, f: KFACFactors, method: str,
                 used = "rowwise"
             d[:, cols] = rowwise_update(wb, rb, a)
     if used != method:
-        log.warning("exact OBS needs a system above max_exact=%d unknowns; a layer fell back to rowwise", max_exact)
+        log.warning("exact OBS needs a system above max_exact=%d unknowns; a layer fell back to rowwise",
+                    max_exact)
     return d, used
 
 
 def quadratic_increase(d: Tensor, f: KFACFactors) -> float:
-    """``0.5 vec(D)^T kron(G, A) vec(D) = 0.5 tr(D^T G D A)``: the loss increase the quadratic model predicts."""
+    """``0.5 vec(D)^T kron(G, A) vec(D) = 0.5 tr(D^T G D A)``: the quadratic model's loss increase."""
     return 0.5 * float((d * (f.G @ f.mul_a(d))).sum())
 
 
@@ -214,7 +215,8 @@ def obs_compensate_(layer: PrunableLayer, factors: KFACFactors, newly_pruned: Te
 
 
 @torch.no_grad()
-def column_removal_update(w_h: Tensor, removed_cols: Tensor, f: KFACFactors, compensate: bool = True) -> Tensor:
+def column_removal_update(w_h: Tensor, removed_cols: Tensor, f: KFACFactors,
+                          compensate: bool = True) -> Tensor:
     """Update of ``W_h`` for removing whole input columns ``removed_cols`` (bool ``[d_in_h]``).
 
     With ``compensate`` this is the exact OBS update (structured pruning's consumer compensation):
