@@ -101,7 +101,8 @@ def test_exact_update_is_the_constrained_minimiser(bias: bool, blocks: bool, old
 
 
 @pytest.mark.parametrize(("bias", "blocks", "old", "new"), CASES)
-def test_rowwise_update_is_the_minimiser_with_diagonal_g(bias: bool, blocks: bool, old: float, new: float) -> None:
+def test_rowwise_update_is_the_minimiser_with_diagonal_g(bias: bool, blocks: bool, old: float,
+                                                         new: float) -> None:
     """Row-wise (OBC/SparseGPT) = the exact minimiser of kron(diag(G), A): rows decouple."""
     layer, f = _case(bias, blocks, seed=7)
     kept, newly = _masks(old, new, seed=5)
@@ -149,7 +150,8 @@ def test_column_removal_update_is_the_constrained_minimiser(blocks: bool) -> Non
         fixed = cols.expand(5, 13).reshape(-1)
         expected = constrained_minimiser(f.kron_dense(), fixed, -w0.reshape(-1)[fixed])
         torch.testing.assert_close(d.reshape(-1), expected, rtol=1e-9, atol=1e-11)
-        assert torch.equal(column_removal_update(w0, cols, f, compensate=False)[:, ~cols], torch.zeros(5, 13 - cols.sum()))
+        zeroed = column_removal_update(w0, cols, f, compensate=False)
+        assert torch.equal(zeroed[:, ~cols], torch.zeros(5, 13 - int(cols.sum()), dtype=torch.float64))
 
 
 # --- a tiny trained CNN: measured loss increases ------------------------------------------------
@@ -213,7 +215,8 @@ def pruned_loss(trained: tuple, fraction: float, compensation: str, damping: flo
 
 @pytest.mark.parametrize("criterion", ["nap", "magnitude"])
 @pytest.mark.parametrize("fraction", [0.1, 0.3, 0.5])
-def test_joint_compensation_beats_zeroing_on_a_trained_net(trained: tuple, fraction: float, criterion: str) -> None:
+def test_joint_compensation_beats_zeroing_on_a_trained_net(trained: tuple, fraction: float,
+                                                           criterion: str) -> None:
     """Measured on the data the factors were estimated on. NAP's first 10% are weights reading dead
     ReLU units (score 0): removing them costs exactly nothing, with or without compensation."""
     zero, zero_pred = pruned_loss(trained, fraction, "none", criterion=criterion)
@@ -270,7 +273,8 @@ def _channel_increases(trained: tuple, compensate: bool) -> tuple[torch.Tensor, 
 
 
 @pytest.mark.parametrize("compensate", [True, False], ids=["compensated", "zeroed"])
-def test_consumer_side_score_ranks_channels_better_than_the_double_count(trained: tuple, compensate: bool) -> None:
+def test_consumer_side_score_ranks_channels_better_than_the_double_count(trained: tuple,
+                                                                         compensate: bool) -> None:
     measured, scores = _channel_increases(trained, compensate)
     rho = {name: spearmanr(s, measured).statistic for name, s in scores.items()}
     assert rho["new"] > rho["old"], rho
@@ -330,3 +334,17 @@ def test_dead_units_score_zero_whatever_the_damping() -> None:
         channels = create_channel_importance("nap", damping=damping)(model, channel_groups(model),
                                                                      ScoreInputs(factors))["1"]
         assert float(channels[2]) == 0.0 and bool((channels[[0, 1, 3, 4]] > 0).all())
+
+
+def test_damping_regularises_the_solve_and_the_prediction_is_the_undamped_model() -> None:
+    layer, f = _case(True, False, seed=4)
+    kept, newly = _masks(0.2, 0.3, seed=4)
+    with torch.no_grad():
+        layer.weight.mul_(kept)
+    twin = copy.deepcopy(layer)
+    w0 = weight_with_bias(layer).clone()
+    out = obs_compensate_(layer, f, newly, kept=kept, method="exact", damping=0.3)
+    obs_compensate_(twin, f.damped(0.3), newly, kept=kept, method="exact")
+    torch.testing.assert_close(weight_with_bias(layer), weight_with_bias(twin))
+    d = (weight_with_bias(layer) - w0).reshape(-1)
+    assert out.predicted == pytest.approx(0.5 * float(d @ f.kron_dense() @ d), rel=1e-10)

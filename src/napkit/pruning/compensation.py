@@ -16,8 +16,10 @@ stay zero (they are not free variables). The bias column is always free. Methods
 
 A block-diagonal A (one block per channel, :mod:`napkit.curvature.factors`) decouples the column
 blocks, so each block is solved on its own; the bias block carries no constraint and gets no update.
-The returned ``predicted`` increase is the quadratic model at the applied update: for ``exact`` this is
-the joint OBS loss ``0.5 t^T ((F^-1)_CC)^-1 t``.
+The update is solved with damped factors (damping regularises the solve); the returned ``predicted``
+increase is the UNDAMPED K-FAC quadratic model at the applied update, ``0.5 tr(D^T G D A)``. (With
+zero damping and ``exact`` this is the joint OBS loss ``0.5 t^T ((F^-1)_CC)^-1 t``.) Evaluating it on
+damped factors would charge every removed weight on a dead input (``A_jj = 0``, true cost 0) the damping.
 """
 
 from __future__ import annotations
@@ -178,30 +180,34 @@ def obs_update(w_h: Tensor, removed: Tensor, f: KFACFactors, method: str,
                 used = "rowwise"
             d[:, cols] = rowwise_update(wb, rb, a)
     if used != method:
-        log.warning("exact OBS needs a system above max_exact=%d unknowns; a layer fell back to rowwise", max_exact)
+        log.warning("exact OBS needs a system above max_exact=%d unknowns; a layer fell back to rowwise",
+                    max_exact)
     return d, used
 
 
 def quadratic_increase(d: Tensor, f: KFACFactors) -> float:
-    """``0.5 vec(D)^T kron(G, A) vec(D) = 0.5 tr(D^T G D A)``: the loss increase the quadratic model predicts."""
+    """``0.5 vec(D)^T kron(G, A) vec(D) = 0.5 tr(D^T G D A)``: the quadratic model's loss increase."""
     return 0.5 * float((d * (f.G @ f.mul_a(d))).sum())
 
 
 @torch.no_grad()
 def obs_compensate_(layer: PrunableLayer, factors: KFACFactors, newly_pruned: Tensor, *,
-                    kept: Tensor | None = None, method: str = "exact",
+                    kept: Tensor | None = None, method: str = "exact", damping: float = 0.0,
                     max_exact: int = MAX_EXACT) -> Compensation:
     """Zero ``newly_pruned`` (bool, weight-shaped) and update the surviving weights and bias in place.
 
     ``kept`` is the keep-mask before this step (None: every weight survives); weights outside it stay
-    zero. ``factors`` must be damped (float64 recommended). The mask is re-applied by the caller.
+    zero. The update solves with ``factors.damped(damping)`` (0: ``factors`` as given, which must then
+    be damped already); ``predicted`` is the quadratic model on ``factors`` as given. Float64
+    factors recommended. The mask is re-applied by the caller.
     """
+    solve = factors.damped(damping) if damping > 0 else factors
     w_h = weight_with_bias(layer).to(factors.G.dtype)
     d_out, d_in = w_h.shape[0], layer.weight[0].numel()
     gone = newly_pruned if kept is None else newly_pruned | ~kept
     removed = torch.zeros(w_h.shape, dtype=torch.bool, device=w_h.device)
     removed[:, :d_in] = gone.reshape(d_out, d_in)
-    delta, used = obs_update(w_h, removed, factors, method, max_exact)
+    delta, used = obs_update(w_h, removed, solve, method, max_exact)
     layer.weight.add_(delta[:, :d_in].reshape(layer.weight.shape).to(layer.weight.dtype))
     if layer.bias is not None:
         layer.bias.add_(delta[:, d_in].to(layer.bias.dtype))
@@ -209,7 +215,8 @@ def obs_compensate_(layer: PrunableLayer, factors: KFACFactors, newly_pruned: Te
 
 
 @torch.no_grad()
-def column_removal_update(w_h: Tensor, removed_cols: Tensor, f: KFACFactors, compensate: bool = True) -> Tensor:
+def column_removal_update(w_h: Tensor, removed_cols: Tensor, f: KFACFactors,
+                          compensate: bool = True) -> Tensor:
     """Update of ``W_h`` for removing whole input columns ``removed_cols`` (bool ``[d_in_h]``).
 
     With ``compensate`` this is the exact OBS update (structured pruning's consumer compensation):

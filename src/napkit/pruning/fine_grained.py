@@ -43,12 +43,14 @@ class FineGrainedPruner:
     ``compensation`` (:data:`~napkit.pruning.compensation.COMPENSATIONS`) is how the surviving weights
     of a layer absorb the pruned ones: ``exact`` joint OBS under K-FAC (layers whose system exceeds
     ``max_exact`` unknowns fall back to ``rowwise``), ``rowwise`` (OBC/SparseGPT), or ``none``.
-    ``damping`` damps the factors the compensation and the predicted increase use.
+    ``damping`` damps the factors the compensation solves with; the predicted increase
+    (``last_predicted_increase``) is the undamped K-FAC quadratic model at the update applied.
     """
 
     def __init__(self, criterion: Importance, *, step_fraction: float, target: float | None,
                  allocation: str = "global", max_layer_sparsity: float = 0.99, compensation: str = "none",
-                 max_exact: int = MAX_EXACT, damping: float = 0.1, factors: FactorsProvider | None = None) -> None:
+                 max_exact: int = MAX_EXACT, damping: float = 0.1,
+                 factors: FactorsProvider | None = None) -> None:
         if not 0.0 < step_fraction <= 1.0:
             raise NapkitError(f"prune.step_fraction must be in (0, 1], got {step_fraction}")
         check_compensation(compensation)
@@ -59,8 +61,9 @@ class FineGrainedPruner:
                               f"factors; run the curvature stage")
         self.criterion, self.step_fraction, self.target = criterion, step_fraction, target
         self.allocation, self.max_layer_sparsity = allocation, max_layer_sparsity
-        self.compensation, self.max_exact, self.damping, self.factors = compensation, max_exact, damping, factors
-        self.last_predicted_increase = math.nan  # K-FAC quadratic model of the last step (nan: no factors)
+        self.compensation, self.max_exact = compensation, max_exact
+        self.damping, self.factors = damping, factors
+        self.last_predicted_increase = math.nan  # undamped K-FAC quadratic model of the step (nan: no factors)
         self.last_predicted: dict[str, float] = {}  # the same per layer
         self.last_methods: dict[str, str] = {}  # compensation applied per layer (exact may fall back)
 
@@ -114,8 +117,9 @@ class FineGrainedPruner:
             newly = masks.masks[name] & ~new.masks[name]
             if name not in factors or not bool(newly.any()):
                 continue
-            done = obs_compensate_(layers[name], factors[name].to(torch.float64).damped(self.damping), newly,
-                                   kept=masks.masks[name], method=self.compensation, max_exact=self.max_exact)
+            done = obs_compensate_(layers[name], factors[name].to(torch.float64), newly,
+                                   kept=masks.masks[name], method=self.compensation, damping=self.damping,
+                                   max_exact=self.max_exact)
             self.last_predicted[name], self.last_methods[name] = done.predicted, done.method
         covered = all(n in factors for n in new.masks)
         self.last_predicted_increase = sum(self.last_predicted.values()) if covered else math.nan

@@ -253,7 +253,7 @@ def _inverse_blocks(f: KFACFactors, channels: int, b: int) -> Tensor:
 
 
 def _diagonal_blocks(m: Tensor, channels: int, b: int) -> Tensor:
-    """Blocks ``M_BB`` of consecutive ``b`` columns of a dense ``M`` (2-D) or a block-diagonal one (3-D blocks)."""
+    """Blocks ``M_BB`` of consecutive ``b`` columns of a dense ``M`` (2-D) or a block-diagonal one (3-D)."""
     if m.dim() == 2:
         d = channels * b
         return m[:d, :d].reshape(channels, b, channels, b).diagonal(dim1=0, dim2=2).permute(2, 0, 1)

@@ -9,7 +9,7 @@ With ``compensate`` every consumer of a removed channel absorbs it before the cu
 weights (and bias) get the exact OBS update for removing those columns under its K-FAC factors,
 the least-squares refit of its output on its kept inputs (issue #20). The NAP score is told so
 (``ScoreInputs.compensated``) and ranks by the cost of exactly that. ``last_predicted_increase``
-holds the K-FAC quadratic model's loss increase of the last step (nan without factors).
+holds the undamped K-FAC quadratic model's loss increase of the last step (nan without factors).
 """
 
 from __future__ import annotations
@@ -214,8 +214,8 @@ class StructuredPruner:
             raise NapkitError(f"round_to must be >= 1 (1: no rounding), got {round_to}")
         self.round_to = round_to
         if (self.importance.needs_curvature or self.compensate) and factors_provider is None:
-            raise NapkitError(f"channel importance {self.importance.name!r} with compensate={self.compensate} "
-                              f"needs K-FAC factors; pass a factors_provider")
+            raise NapkitError(f"channel importance {self.importance.name!r} with compensate="
+                              f"{self.compensate} needs K-FAC factors; pass a factors_provider")
         self.target = _target(target_flops_reduction, target_params_reduction)
         self.input_shape, self.step_fraction, self.allocation = input_shape, step_fraction, allocation
         self.min_channels, self.max_group_sparsity = min_channels, max_group_sparsity
@@ -388,15 +388,16 @@ class StructuredPruner:
 
 @torch.no_grad()
 def compensate_consumers_(model: nn.Module, groups: list[ChannelGroup], plan: Mapping[str, Tensor],
-                          factors: Mapping[str, KFACFactors], damping: float, *, apply_update: bool = True) -> float:
+                          factors: Mapping[str, KFACFactors], damping: float, *,
+                          apply_update: bool = True) -> float:
     """Refit every consumer of the channels ``plan`` removes (in place) and return the predicted increase.
 
     For each consumer, the removed channels' column blocks get the exact OBS update
     (:func:`~napkit.pruning.compensation.column_removal_update`) on its damped factors: they become
     zero and the kept columns and the bias absorb them. Physically cutting the channels afterwards
-    (:func:`~napkit.structured.surgery.apply`) then changes no output. Returns the K-FAC quadratic
-    model's loss increase summed over the consumers; ``apply_update=False`` only predicts the cost
-    of removing the channels without refitting (nothing is changed).
+    (:func:`~napkit.structured.surgery.apply`) then changes no output. Returns the undamped K-FAC
+    quadratic model's loss increase at the update, summed over the consumers; ``apply_update=False``
+    only predicts the cost of removing the channels without refitting (nothing is changed).
     """
     predicted = 0.0
     for gid, keep in plan.items():
@@ -406,17 +407,19 @@ def compensate_consumers_(model: nn.Module, groups: list[ChannelGroup], plan: Ma
         for consumer in group.consumers:
             layer = model.get_submodule(consumer.name)
             if consumer.name not in factors:
-                raise NapkitError(f"no K-FAC factors for layer {consumer.name!r}; estimate them on the current model")
-            f = factors[consumer.name].to(torch.float64).damped(damping)
+                raise NapkitError(f"no K-FAC factors for layer {consumer.name!r}; estimate them on the "
+                                  f"current model")
+            undamped = factors[consumer.name].to(torch.float64)
+            f = undamped.damped(damping)
             w_h = weight_with_bias(layer).to(f.G)
             d_in = layer.weight[0].numel()
             if (f.d_out, f.d_in_h) != tuple(w_h.shape):
-                raise NapkitError(f"K-FAC factors of {consumer.name!r} are {f.d_out}x{f.d_in_h} but the layer is "
-                                  f"{w_h.shape[0]}x{w_h.shape[1]}; estimate them on the current model")
+                raise NapkitError(f"K-FAC factors of {consumer.name!r} are {f.d_out}x{f.d_in_h} but the layer "
+                                  f"is {w_h.shape[0]}x{w_h.shape[1]}; estimate them on the current model")
             cols = torch.zeros(w_h.shape[1], dtype=torch.bool, device=w_h.device)
             cols[:d_in] = gone.to(w_h.device).repeat_interleave(consumer.block)
             delta = column_removal_update(w_h, cols, f, compensate=apply_update)
-            predicted += quadratic_increase(delta, f)
+            predicted += quadratic_increase(delta, undamped)
             if apply_update:
                 layer.weight.add_(delta[:, :d_in].reshape(layer.weight.shape).to(layer.weight))
                 if layer.bias is not None:
