@@ -212,7 +212,7 @@ def run_chain(cfg: DictConfig, *, stages: Sequence[str] | None = None, parent_ru
         StageTracker(client, result.run_id, "chain").log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
         log.info("chain: MLflow run %s%s", result.run_id, f" (parent {parent_run_id})" if parent_run_id else "")
 
-    current = "setup"
+    current = "config"  # what failed: the config's validation, else the stage that raised
     t_chain = time.perf_counter()
     with _forced_run(result.run_id):
         tracker = StageTracker(client, result.run_id, "chain")
