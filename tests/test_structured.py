@@ -64,16 +64,16 @@ def random_plan(groups: list[ChannelGroup], gen: torch.Generator) -> dict[str, t
 
 
 def masked(model: nn.Module, groups: list[ChannelGroup], plan: dict[str, torch.Tensor]) -> nn.Module:
-    """Zero the removed channels instead: producer rows and bias, BatchNorm weight and bias."""
+    """Zero the removed channels instead: producer rows and bias, depthwise filters, norm weight and bias."""
     out = copy.deepcopy(model)
     for g in groups:
         gone = torch.ones(g.size, dtype=torch.bool)
         gone[plan[g.id]] = False
-        for name in g.producers + g.norms:
+        for name in g.producers + g.depthwise + g.norms:
             m = out.get_submodule(name)
-            m.weight.data[gone] = 0.0
-            if m.bias is not None:
-                m.bias.data[gone] = 0.0
+            for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
+                if p is not None:
+                    p.data[gone] = 0.0
     return out
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
 import torch
-from test_structured import randomize_norms
+from test_structured import forward, masked, randomize_norms
 from torch import nn
 from torchvision import models as tvm
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
@@ -79,25 +78,6 @@ def random_plan(groups: list[ChannelGroup], gen: torch.Generator) -> dict[str, t
     return plan
 
 
-def masked(model: nn.Module, groups: list[ChannelGroup], plan: dict[str, torch.Tensor]) -> nn.Module:
-    """Zero the removed channels instead: producer rows and bias, depthwise filters, norm weight and bias."""
-    out = copy.deepcopy(model)
-    for g in groups:
-        gone = torch.ones(g.size, dtype=torch.bool)
-        gone[plan[g.id]] = False
-        for name in g.producers + g.depthwise + g.norms:
-            m = out.get_submodule(name)
-            for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
-                if p is not None:
-                    p.data[gone] = 0.0
-    return out
-
-
-def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(x)
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_prunes_to_half_the_flops_and_runs(name: str) -> None:
     row = check_model(name)
@@ -116,7 +96,7 @@ def test_removal_equals_masking(name: str) -> None:
     pruned = apply(model, plan, groups=tracing.groups)
     assert count_params(pruned) < count_params(model)
     x = torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(run(pruned, x), run(masked(model, tracing.groups, plan), x), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(forward(pruned, x), forward(masked(model, tracing.groups, plan), x), rtol=1e-9, atol=1e-10)
 
 
 def test_couplings_land_in_the_right_groups() -> None:
@@ -153,7 +133,7 @@ def test_rebuild_depthwise_and_grouped_models_from_counts(name: str) -> None:
     rebuilt = slim_to(tiny(name), channel_counts(pruned))
     rebuilt.load_state_dict(pruned.state_dict())
     x = torch.randn(2, 3, 32, 32, generator=gen)
-    assert torch.equal(run(rebuilt, x), run(pruned, x))
+    assert torch.equal(forward(rebuilt, x), forward(pruned, x))
 
 
 def test_unsupported_coupling_is_one_warning_naming_the_layers() -> None:
@@ -168,7 +148,7 @@ def test_unsupported_coupling_is_one_warning_naming_the_layers() -> None:
     assert pruner.unpruned and "features.0.0" in pruner.unpruned
     pruned = pruner(model, 0)  # the MLP hidden units still go
     assert pruned.features[1][0].block[3].out_features < 32
-    assert run(pruned, torch.randn(1, 3, 32, 32)).shape == (1, 5)
+    assert forward(pruned, torch.randn(1, 3, 32, 32)).shape == (1, 5)
 
 
 def test_ignore_leaves_those_layers_untouched() -> None:
@@ -241,7 +221,7 @@ def test_l1_step_prunes_grouped_convs_evenly() -> None:
     pruned = pruner(model, 0)
     conv = pruned.layer1[0].conv2
     assert conv.groups == 4 and conv.in_channels == conv.out_channels == 8  # half of each group's 4 channels
-    assert run(pruned, torch.randn(1, 3, 32, 32)).shape == (1, 5)
+    assert forward(pruned, torch.randn(1, 3, 32, 32)).shape == (1, 5)
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "convnext", "vit", "swin"])
@@ -262,7 +242,7 @@ def test_nap_scores_the_new_groups(name: str) -> None:
                               factors_provider=provider)
     pruned = pruner(model, 1)
     assert count_params(pruned) < count_params(model)
-    assert run(pruned, x[:2]).shape == (2, 5)
+    assert forward(pruned, x[:2]).shape == (2, 5)
 
 
 class _Broadcast(nn.Module):
