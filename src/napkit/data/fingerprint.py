@@ -1,18 +1,20 @@
 """A cheap fingerprint of the data a configuration reads, for cache keys (content-addressed run folders).
 
-Files under the configured ``root``: every file's relative path, size and modification time, so a
-replaced or added image gives a new key without reading a byte of it. A dataset without files
+Files under the configured ``root``: :func:`~napkit.data.datasets.folder_fingerprint` (every file's
+relative path, size and modification time), so a replaced or added image gives a new key without
+reading a byte of it. A dataset without files
 (scikit-learn's digits, shipped in its wheel): the name and version of the package that ships it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from napkit.data.datasets import folder_fingerprint
 
 _EMBEDDED = {"digits": "scikit-learn"}
 
@@ -22,13 +24,7 @@ def data_fingerprint(data: Mapping[str, Any]) -> str:
     h = hashlib.sha256(str(data.get("name")).encode())
     root = data.get("root")
     if root and Path(str(root)).expanduser().exists():
-        base = Path(str(root)).expanduser()
-        for folder, dirs, files in os.walk(base):
-            dirs.sort()
-            for name in sorted(files):
-                path = Path(folder) / name
-                st = path.stat()
-                h.update(f"{path.relative_to(base)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        h.update(folder_fingerprint(Path(str(root)).expanduser()).encode())
     elif data.get("name") in _EMBEDDED:
         package = _EMBEDDED[str(data.get("name"))]
         h.update(f"{package}=={metadata.version(package)}".encode())
