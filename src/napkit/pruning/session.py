@@ -61,12 +61,12 @@ class PruneData:
 
 @dataclass
 class PruneOutcome:
-    """The kept model, its masks (fine-grained) and the loop's records."""
+    """The kept model, its masks (fine-grained), the loop's records and the tolerance it applied."""
 
     model: nn.Module
     masks: MaskSet | None
     result: LoopResult
-    mode: str
+    tolerance: float
 
 
 def weight_criterion(p: DictConfig, seed: int) -> Importance:
@@ -208,7 +208,7 @@ def run_pruning(model: nn.Module, data: PruneData, cfg: DictConfig, *, factors: 
         model, masks, result = loop.run(model.to(device), masks,
                                         checkpoint=checkpoint_for("prune_loop") if resumable else None,
                                         fingerprint=fingerprint)
-    return PruneOutcome(model.cpu(), masks, result, mode)
+    return PruneOutcome(model.cpu(), masks, result, tolerance)
 
 
 def fine_grained_parts(p: DictConfig, seed: int, model: nn.Module,

@@ -119,8 +119,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             return {}
         model, result = outcome.model, outcome.result
         save_model(out, model, spec.with_channels_of(model) if mode == "structured" else spec, outcome.masks)
-        tolerance = float(cfg.prune.structured.tolerance if mode == "structured" else cfg.prune.tolerance)
-        metrics = write_outputs(out, result, result.best.layer_density, tolerance)
+        metrics = write_outputs(out, result, result.best.layer_density, outcome.tolerance)
         if table is not None:
             write_json(out / "latency_table.json", table.to_json())
         write_metrics(out, metrics)
