@@ -38,6 +38,7 @@ class SeriesRun:
     final_top1: float | None = None
     # per pruning step: the criterion's predicted loss increase and the measured one (validation loss)
     loss_increase: list[tuple[float, float]] = field(default_factory=list)
+    points: tuple[float, ...] = ()  # the configured grid (prune.grid); empty: every step is a point
 
 
 @dataclass
@@ -89,7 +90,9 @@ def _by(runs: Sequence[SeriesRun]) -> dict[str, dict[str, list[SeriesRun]]]:
 
 
 def _points(runs: Sequence[SeriesRun]) -> list[float]:
-    return sorted({round(x, 6) for r in runs for x, _, _ in r.grid[1:]})
+    """The configured grid points of the runs; without a grid, every step any run measured."""
+    configured = {float(x) for r in runs for x in r.points}
+    return sorted(configured or {round(x, 6) for r in runs for x, _, _ in r.grid[1:]})
 
 
 def band_figure(runs: Sequence[SeriesRun], compare: Sequence[str], band: float, name: str) -> Figure:

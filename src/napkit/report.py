@@ -80,6 +80,9 @@ def _target(params: dict[str, str]) -> str:
     if params.get("pipeline") == "chex":
         return f"FLOPs {params.get('chex.target_flops_reduction')}x" if params.get(
             "chex.target_flops_reduction") not in (None, "None", "null") else f"S {params.get('chex.S')}"
+    if params.get("prune.grid") not in (None, "None", "null", "[]"):  # the grid overrides any target
+        unit = "FLOPs " if params.get("prune.mode") == "structured" else ""
+        return f"grid {unit}{params['prune.grid']}x"
     if params.get("prune.mode") == "structured":
         for key, label in (("prune.structured.target_flops_reduction", "FLOPs"),
                            ("prune.structured.target_params_reduction", "params")):
@@ -161,8 +164,9 @@ def _series(client: MlflowClient, run: Run, row: RunRow, workdir: Path) -> Serie
                     loss.append((float(rec["predicted_loss_increase"]), float(rec["measured_loss_increase"])))
     except Exception:  # noqa: BLE001 - a run without the table (CHEX, a failed run) has no grid series
         grid, loss = [], []
+    points = ast.literal_eval(row.params.get("prune.grid") or "[]") or []
     return SeriesRun(model=row.model, method=row.method, seed=int(row.params.get("seed", 0) or 0), grid=grid,
-                     final_top1=row.m("evaluate/top1"), loss_increase=loss)
+                     final_top1=row.m("evaluate/top1"), loss_increase=loss, points=tuple(float(x) for x in points))
 
 
 def plot_loss_prediction(model: str, rows: list[RunRow]) -> bytes | None:

@@ -1,0 +1,28 @@
+"""Unfolded conv input patches, the rows of a conv layer's K-FAC factor A (shared by plain and grouped convs)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def conv_patches(layer: nn.Conv2d, x: Tensor, lattice: int = 1) -> Tensor:
+    """Unfolded input patches ``[B, C_in * kh * kw, T]`` in the order of ``weight.view(C_out, -1)``.
+
+    Padding goes through ``F.pad`` with the layer's own padding (any padding mode, 'same').
+    ``lattice = s > 1`` keeps only the output positions ``(s*i, s*j)``: every s-th row and column.
+    """
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
+    stride = tuple(st * lattice for st in layer.stride)
+    return F.unfold(x, layer.kernel_size, dilation=layer.dilation, stride=stride)
+
+
+def lattice_step(height: int, width: int, max_positions: int | None) -> int:
+    """Smallest step s with ``ceil(height/s) * ceil(width/s) <= max_positions`` (1: every position)."""
+    if max_positions is None:
+        return 1
+    step = 1
+    while -(-height // step) * -(-width // step) > max_positions:
+        step += 1
+    return step
