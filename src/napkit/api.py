@@ -78,8 +78,9 @@ def _settings(method: str, mode: str, target: float | None, tolerance: float, ba
 
 def curvature_factors(model: nn.Module, train_data: Dataset, *, seed: int = 0, device: str = "auto",
                       overrides: Sequence[str] = ()) -> dict[str, KFACFactors]:
-    """K-FAC factors (A, G) of every Conv2d/Linear of ``model`` on ``train_data``, with the
-    ``curvature`` settings of ``conf/`` (e.g. ``overrides=["curvature.num_samples=2048"]``)."""
+    """K-FAC factors (A, G) of every Conv2d/Linear of ``model`` on ``train_data`` (a grouped conv: one pair per
+    conv group, keyed ``"<layer>#<group>"``; layers that never run as modules are left out, with a warning),
+    with the ``curvature`` settings of ``conf/`` (e.g. ``overrides=["curvature.num_samples=2048"]``)."""
     cfg = config(f"seed={seed}", *overrides)
     return estimate(model, train_data, cfg, seed=seed, device=resolve_device(device), progress=False)
 

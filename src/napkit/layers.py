@@ -1,4 +1,5 @@
-"""Which layers napkit prunes and measures: Linear and plain Conv2d (no groups, no dilation)."""
+"""Which layers napkit prunes and measures: Linear and plain Conv2d (no groups, no dilation) weight by weight;
+grouped and depthwise convs too when it removes channels."""
 
 from __future__ import annotations
 
@@ -17,6 +18,19 @@ def is_prunable(module: nn.Module) -> bool:
     if isinstance(module, nn.Conv2d):
         return module.groups == 1 and tuple(module.dilation) == (1, 1)
     return False
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """A Conv2d with one filter per channel: output channel c reads input channel c only. A plain conv
+    (groups 1) pruned to one output channel of a one-channel input is not one: it stays a producer."""
+    return (isinstance(module, nn.Conv2d) and module.groups > 1
+            and module.groups == module.in_channels == module.out_channels)
+
+
+def is_grouped(module: nn.Module) -> bool:
+    """A grouped Conv2d (1 < groups, not depthwise) without dilation, which napkit prunes group-evenly."""
+    return (isinstance(module, nn.Conv2d) and module.groups > 1 and not is_depthwise(module)
+            and tuple(module.dilation) == (1, 1))
 
 
 def prunable_layers(model: nn.Module) -> dict[str, PrunableLayer]:

@@ -15,6 +15,7 @@ dimensions as positions in the same way.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,8 +26,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from napkit.curvature.factors import KFACFactors
+from napkit.curvature.grouped import GroupedSums
+from napkit.curvature.patches import conv_patches, lattice_step
 from napkit.errors import NapkitError, unknown_choice
-from napkit.layers import PrunableLayer, is_prunable, prunable_layers, weight_matrix_shape
+from napkit.layers import PrunableLayer, is_grouped, is_prunable, weight_matrix_shape
 
 FISHER_TYPES = ("true", "empirical")
 
@@ -45,28 +48,6 @@ def inverse_cdf_labels(logits: Tensor, uniforms: Tensor) -> Tensor:
     """
     cdf = torch.softmax(logits.detach().double(), dim=1).cumsum(dim=1)
     return (cdf < uniforms.double().unsqueeze(1)).sum(dim=1).clamp(max=logits.shape[1] - 1)
-
-
-def conv_patches(layer: nn.Conv2d, x: Tensor, lattice: int = 1) -> Tensor:
-    """Unfolded input patches ``[B, C_in * kh * kw, T]`` in the order of ``weight.view(C_out, -1)``.
-
-    Padding goes through ``F.pad`` with the layer's own padding (any padding mode, 'same').
-    ``lattice = s > 1`` keeps only the output positions ``(s*i, s*j)``: every s-th row and column.
-    """
-    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-    x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
-    stride = tuple(st * lattice for st in layer.stride)
-    return F.unfold(x, layer.kernel_size, dilation=layer.dilation, stride=stride)
-
-
-def lattice_step(height: int, width: int, max_positions: int | None) -> int:
-    """Smallest step s with ``ceil(height/s) * ceil(width/s) <= max_positions`` (1: every position)."""
-    if max_positions is None:
-        return 1
-    step = 1
-    while -(-height // step) * -(-width // step) > max_positions:
-        step += 1
-    return step
 
 
 def _add_outer_products(total: Tensor, m: Tensor) -> None:
@@ -239,14 +220,21 @@ class _Recorder:
 
         return hook
 
-    def take(self) -> list[tuple[Tensor, Tensor]]:
-        """(input, output gradient) of every layer for the batch just run, then forget them."""
-        missing = [n for n in self.names if n not in self.grads]
-        if missing:
-            raise NapkitError(f"layers {missing} did not run in the forward pass or do not influence the loss")
-        out = [(self.inputs[n], self.grads[n]) for n in self.names]
+    def take(self) -> tuple[dict[str, tuple[Tensor, Tensor]], list[str]]:
+        """(input, output gradient) of every layer that ran for the batch just run, and the names of those
+        that did not (or do not influence the loss); then forget them."""
+        ran = {n: (self.inputs[n], self.grads[n]) for n in self.names if n in self.grads}
         self.inputs, self.grads = {}, {}
-        return out
+        return ran, [n for n in self.names if n not in ran]
+
+    def drop(self, names: Iterable[str]) -> None:
+        """Stop recording ``names`` (layers found not to run as modules)."""
+        gone = set(names)
+        keep = [(n, h) for n, h in zip(self.names, self.handles) if n not in gone]
+        for n, h in zip(self.names, self.handles):
+            if n in gone:
+                h.remove()
+        self.names, self.handles = [n for n, _ in keep], [h for _, h in keep]
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -273,22 +261,46 @@ class _EstimationMode:
             w.requires_grad_(req)
 
 
+class LayersNotRunWarning(UserWarning):
+    """Some layers never ran as modules while K-FAC was estimated, so they got no factors."""
+
+
+def estimated_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers K-FAC covers by default: every prunable layer and every grouped conv (per group)."""
+    return {name: m for name, m in model.named_modules() if is_prunable(m) or is_grouped(m)}
+
+
 def _check_args(
     model: nn.Module, layers: dict[str, nn.Module] | None, fisher: str, counts: dict[str, int]
-) -> dict[str, PrunableLayer]:
+) -> dict[str, nn.Module]:
     """Validate the options; return the layers to estimate."""
     if fisher not in FISHER_TYPES:
         raise unknown_choice("fisher type", fisher, FISHER_TYPES)
     for key, value in counts.items():
         if value < 1:
             raise NapkitError(f"{key} must be >= 1, got {value}")
-    chosen = prunable_layers(model) if layers is None else layers
-    bad = [name for name, m in chosen.items() if not is_prunable(m)]
+    chosen = estimated_layers(model) if layers is None else layers
+    bad = [name for name, m in chosen.items() if not (is_prunable(m) or is_grouped(m))]
     if bad:
-        raise NapkitError(f"layers {bad} are not prunable (Linear, or Conv2d without groups/dilation)")
+        raise NapkitError(f"layers {bad} have no K-FAC estimate (Linear, Conv2d without dilation, grouped Conv2d)")
     if not chosen:
         raise NapkitError(f"{type(model).__name__} has no prunable layers")
-    return chosen  # type: ignore[return-value]
+    return chosen
+
+
+def _not_run(missing: list[str], explicit: bool, first: bool) -> None:
+    """Layers that did not run: an error when the caller named them or when they ran in earlier batches;
+    otherwise a warning (they get no factors, and NAP leaves them as they are)."""
+    if not missing:
+        return
+    if explicit or not first:
+        raise NapkitError(f"layers {missing} did not run in the forward pass or do not influence the loss")
+    warnings.warn(
+        f"{len(missing)} layers did not run as modules or do not influence the loss, so they get no K-FAC factors "
+        f"and NAP leaves them unpruned: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} "
+        f"(e.g. attention projections used through their weights, auxiliary heads off in eval mode)",
+        LayersNotRunWarning, stacklevel=3,
+    )
 
 
 def estimate_kfac(
@@ -306,7 +318,12 @@ def estimate_kfac(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, KFACFactors]:
-    """K-FAC factors ``F ~ kron(G, A)`` of each layer (default: all prunable layers), see module docstring.
+    """K-FAC factors ``F ~ kron(G, A)`` of each layer, see module docstring.
+
+    ``layers`` defaults to :func:`estimated_layers`: every prunable layer, and every grouped conv with one
+    factor pair per conv group (keys ``"<layer>#<group>"``, :mod:`napkit.curvature.grouped`). Default
+    layers that do not run as modules (attention projections used through their weights, heads off in
+    eval mode) are left out with a :class:`LayersNotRunWarning`; named ``layers`` must all run.
 
     ``loader`` yields ``(inputs, labels[, uniforms])`` batches (with per-example uniforms the true
     Fisher's labels are drawn by inverse CDF from them, see :func:`inverse_cdf_labels`); ``model(inputs)`` must return logits and
@@ -326,10 +343,11 @@ def estimate_kfac(
     chosen = _check_args(model, layers, fisher, counts)
     device = torch.device(device)
     channels = _channels_before(model)
-    sums = [
+    sums: dict[str, _LayerSums | GroupedSums] = {
+        name: GroupedSums(m, dtype, device, a_max_positions) if is_grouped(m) else
         _LayerSums(m, a_block_size(m, max_dense_dim, channels.get(id(m))), dtype, device, a_max_positions)
-        for m in chosen.values()
-    ]
+        for name, m in chosen.items()
+    }
     generator = torch.Generator(device=device).manual_seed(seed)
     recorder = _Recorder(chosen)
     seen = 0
@@ -341,7 +359,13 @@ def estimate_kfac(
                 take = min(len(batch[0]), num_samples - seen)
                 x, y = batch[0][:take].to(device), batch[1][:take].to(device)
                 u = batch[2][:take].to(device) if len(batch) > 2 else None
-                _add_batch(model, recorder, sums, x, y, fisher, generator, chunk_size, u)
+                ran, missing = _run_batch(model, recorder, sums, x, y, fisher, generator, u)
+                _not_run(missing, explicit=layers is not None, first=seen == 0)
+                recorder.drop(missing)
+                for name in missing:
+                    del sums[name]
+                for name, (inp, g) in ran.items():
+                    sums[name].add(inp, g, chunk_size)
                 seen += take
                 bar.update(take)
                 if seen >= num_samples:
@@ -350,21 +374,24 @@ def estimate_kfac(
         recorder.remove()
     if seen == 0:
         raise NapkitError("the loader yielded no examples")
-    return {name: s.factors() for name, s in zip(chosen, sums)}
+    out: dict[str, KFACFactors] = {}
+    for name, s in sums.items():
+        out.update(s.factors(name) if isinstance(s, GroupedSums) else {name: s.factors()})
+    return out
 
 
-def _add_batch(
+def _run_batch(
     model: nn.Module,
     recorder: _Recorder,
-    sums: list[_LayerSums],
+    sums: dict[str, _LayerSums | GroupedSums],
     x: Tensor,
     y: Tensor,
     fisher: str,
     generator: torch.Generator,
-    chunk_size: int,
     uniforms: Tensor | None = None,
-) -> None:
-    """One forward/backward pass; add every layer's inputs and per-example output gradients."""
+) -> tuple[dict[str, tuple[Tensor, Tensor]], list[str]]:
+    """One forward/backward pass; every layer's inputs and per-example output gradients, and the layers
+    that did not run."""
     if x.is_floating_point():
         x = x.detach().requires_grad_(True)
     logits = model(x)
@@ -377,10 +404,9 @@ def _add_batch(
     loss = F.cross_entropy(logits, labels, reduction="sum")
     # Differentiating w.r.t. the input (result discarded) runs the output-gradient hooks without
     # computing any weight gradient or touching any parameter's .grad.
-    wrt = [x] if x.requires_grad else [s.layer.weight for s in sums]
+    wrt = [x] if x.requires_grad else [s.layer.weight for s in sums.values()]
     torch.autograd.grad(loss, wrt, allow_unused=True)
-    for s, (inp, g) in zip(sums, recorder.take()):
-        s.add(inp, g, chunk_size)
+    return recorder.take()
 
 
 # --- combining estimates (data-parallel) ---------------------------------------------------

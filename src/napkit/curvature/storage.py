@@ -13,15 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from safetensors import safe_open
 from torch import Tensor, nn
 
 from napkit.curvature.factors import KFACFactors
+from napkit.curvature.grouped import group_key
+from napkit.curvature.kfac import estimated_layers
 from napkit.errors import NapkitError
 from napkit.io import check_finite, load_tensors, save_tensors
-from napkit.layers import prunable_layers, weight_matrix_shape
+from napkit.layers import is_grouped, prunable_layers, weight_matrix_shape
 
 FORMAT = "napkit.kfac/1"
 
@@ -95,22 +98,44 @@ def _build(name: str, info: dict[str, Any], tensors: dict[str, Tensor]) -> KFACF
     )
 
 
-def _check_model(path: str | os.PathLike[str], factors: dict[str, KFACFactors], model: nn.Module) -> None:
-    """Refuse a factor file whose layers or shapes differ from the model's prunable layers."""
-    expected = prunable_layers(model)
+def expected_shapes(model: nn.Module) -> dict[str, tuple[str, tuple[int, int]]]:
+    """Factor key -> (layer, ``(d_out, d_in_h)`` of its ``W_h``) for every layer K-FAC covers by default
+    (:func:`~napkit.curvature.kfac.estimated_layers`): one key per plain layer, one per conv group."""
+    shapes: dict[str, tuple[str, tuple[int, int]]] = {}
+    for name, layer in estimated_layers(model).items():
+        d_out, d_in = weight_matrix_shape(layer)  # type: ignore[arg-type]
+        d_in_h = d_in + int(layer.bias is not None)
+        if is_grouped(layer):
+            for k in range(layer.groups):
+                shapes[group_key(name, k)] = (name, (d_out // layer.groups, d_in_h))
+        else:
+            shapes[name] = (name, (d_out, d_in_h))
+    return shapes
+
+
+def not_run(model: nn.Module, factors: dict[str, KFACFactors]) -> list[str]:
+    """Layers K-FAC covers by default that got no factors (they did not run as modules)."""
+    return sorted({layer for key, (layer, _) in expected_shapes(model).items() if key not in factors})
+
+
+def _check_model(path: str | os.PathLike[str], factors: dict[str, KFACFactors], model: nn.Module,
+                 not_run: Sequence[str]) -> None:
+    """Refuse a factor file whose layers or shapes differ from the model's (``not_run``: layers the
+    estimate recorded as never running, which may lack factors)."""
+    expected = expected_shapes(model)
     extra = [n for n in factors if n not in expected]
     if extra:
         raise NapkitError(f"factor file {path} has layer {extra[0]!r}, which the model lacks")
-    for name, layer in expected.items():
-        if name not in factors:
-            raise NapkitError(f"factor file {path} has no factors for layer {name!r}")
-        d_out, d_in = weight_matrix_shape(layer)
-        want = (d_out, d_in + int(layer.bias is not None))
-        f = factors[name]
+    for key, (layer, want) in expected.items():
+        if key not in factors:
+            if layer in not_run:
+                continue
+            raise NapkitError(f"factor file {path} has no factors for layer {key!r}")
+        f = factors[key]
         found = (f.d_out, f.d_in_h)
         if found != want:
             raise NapkitError(
-                f"factor file {path} does not match the model at layer {name!r}: expected (d_out, d_in_h) = "
+                f"factor file {path} does not match the model at layer {key!r}: expected (d_out, d_in_h) = "
                 f"{want}, found {found}"
             )
 
@@ -120,13 +145,14 @@ def load_factors(
 ) -> tuple[dict[str, KFACFactors], dict[str, Any]]:
     """Read a factor file; return ``(factors, meta)``: ``meta`` as saved plus its ``"fingerprint"``.
 
-    With ``model``, every prunable layer must be present with matching shapes (and no others);
-    the first mismatch raises :class:`NapkitError` naming the layer and both shapes.
+    With ``model``, every layer K-FAC covers must be present with matching shapes (and no others), except
+    those the estimate recorded in ``meta["not_run"]``; the first mismatch raises :class:`NapkitError`
+    naming the layer and both shapes.
     """
     tensors = load_tensors(path)
     check_finite(tensors, str(path))
     header = _read_header(path)
     factors = {name: _build(name, info, tensors) for name, info in header["layers"].items()}
     if model is not None:
-        _check_model(path, factors, model)
+        _check_model(path, factors, model, header["meta"].get("not_run", []))
     return factors, {**header["meta"], "fingerprint": header["fingerprint"]}

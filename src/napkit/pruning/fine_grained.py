@@ -15,7 +15,7 @@ from torch import nn
 
 from napkit.curvature import KFACFactors
 from napkit.errors import NapkitError
-from napkit.layers import prunable_layers
+from napkit.layers import PrunableLayer, prunable_layers
 from napkit.pruning.allocation import prune_lowest
 from napkit.pruning.compensation import MAX_EXACT, check_compensation, obs_compensate_
 from napkit.pruning.importance import Importance
@@ -67,6 +67,13 @@ class FineGrainedPruner:
         self.last_predicted: dict[str, float] = {}  # the same per layer
         self.last_methods: dict[str, str] = {}  # compensation applied per layer (exact may fall back)
 
+    def _score(self, name: str, layer: PrunableLayer, factors: dict[str, KFACFactors]) -> torch.Tensor:
+        """The criterion's scores; +inf (never pruned) for a layer a curvature criterion has no factors for:
+        the estimate left it out because it never ran as a module (it warned, naming it)."""
+        if self.criterion.needs_curvature and name not in factors:
+            return torch.full_like(layer.weight, math.inf, dtype=torch.float64)
+        return self.criterion(name, layer, factors.get(name))
+
     def amount(self, masks: MaskSet) -> int:
         """How many weights this step removes: a share of the survivors, capped by the target."""
         kept, total = masks.counts()
@@ -109,7 +116,7 @@ class FineGrainedPruner:
         layers = prunable_layers(model)
         needs = self.criterion.needs_curvature or self.compensation != "none"
         factors = self.factors(model, iteration) if needs and self.factors else {}
-        scores = {n: self.criterion(n, layers[n], factors.get(n)) for n in masks.masks}
+        scores = {n: self._score(n, layers[n], factors) for n in masks.masks}
         new = prune_lowest(scores, masks, self.amount(masks), allocation=self.allocation,
                            max_layer_sparsity=self.max_layer_sparsity)
         self.last_predicted, self.last_methods = {}, {}
@@ -121,7 +128,8 @@ class FineGrainedPruner:
                                    kept=masks.masks[name], method=self.compensation, damping=self.damping,
                                    max_exact=self.max_exact)
             self.last_predicted[name], self.last_methods[name] = done.predicted, done.method
-        covered = all(n in factors for n in new.masks)
+        changed = [n for n in new.masks if bool((masks.masks[n] & ~new.masks[n]).any())]
+        covered = bool(factors) and all(n in factors for n in changed)
         self.last_predicted_increase = sum(self.last_predicted.values()) if covered else math.nan
         new.apply_(model)
         return model, new

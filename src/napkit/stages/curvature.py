@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from napkit.artifacts import load_model
 from napkit.curvature import save_factors
 from napkit.curvature.sampling import estimate
+from napkit.curvature.storage import not_run
 from napkit.distributed import world
 from napkit.stages.common import load_splits, seed_everything, stage_dir, write_metrics
 from napkit.tracking import stage_run
@@ -32,7 +33,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics = {"seconds": seconds, "num_samples": n, "layers": len(factors)}
         if world().is_main:
             save_factors(out / "factors.safetensors", factors,
-                         {"model": spec.name, "fisher": str(cfg.curvature.fisher), "seed": int(cfg.seed)})
+                         {"model": spec.name, "fisher": str(cfg.curvature.fisher), "seed": int(cfg.seed),
+                          "not_run": not_run(model, factors)})
             write_metrics(out, metrics)
         tracker.log_metrics(metrics)
     return metrics
