@@ -20,7 +20,7 @@ ViT, Swin, ConvNeXt).
 
 Spaces touched by anything else are frozen: never pruned. The network input and the logits are
 frozen by nature; the rest (LayerNorm over channels, concatenation, channel shuffle, attention,
-grouped convs, shared layers, layers the user ignores) are reported by :func:`trace_groups` and
+shared layers, layers the user ignores) are reported by :func:`trace_groups` and
 named in one warning by :func:`warn_unpruned`, while every other group of the model stays prunable.
 """
 
@@ -37,7 +37,7 @@ from torch import fx, nn
 from torchvision.ops import stochastic_depth
 
 from napkit.errors import NapkitError
-from napkit.layers import PrunableLayer, is_prunable
+from napkit.layers import PrunableLayer, is_depthwise, is_grouped, is_prunable
 from napkit.structured.blocks import ResidualBias
 
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
@@ -129,24 +129,10 @@ class _Value:
     layout: str
 
 
-def is_depthwise(module: nn.Module) -> bool:
-    """A Conv2d with one filter per channel: output channel c reads input channel c only. A plain conv
-    (groups 1) pruned to one output channel of a one-channel input is not one: it stays a producer."""
-    return (isinstance(module, nn.Conv2d) and module.groups > 1
-            and module.groups == module.in_channels == module.out_channels)
-
-
-def is_grouped(module: nn.Module) -> bool:
-    """A grouped Conv2d (1 < groups, not depthwise) without dilation, which napkit prunes group-evenly."""
-    return (isinstance(module, nn.Conv2d) and module.groups > 1 and not is_depthwise(module)
-            and tuple(module.dilation) == (1, 1))
-
-
 class _Tracer:
     """Walks an fx graph and assigns channel spaces to its tensors."""
 
-    def __init__(self, model: nn.Module, grouped: bool) -> None:
-        self.grouped = grouped
+    def __init__(self, model: nn.Module) -> None:
         self.modules = dict(model.named_modules())
         self.spaces: list[_Space] = []
         self.values: dict[fx.Node, _Value] = {}
@@ -241,7 +227,7 @@ class _Tracer:
             if isinstance(module, nn.Conv2d) and is_prunable(module):
                 self.read(x, name, SPATIAL)
                 return self.new(SPATIAL, producer=name)
-            if self.grouped and is_grouped(module) and x.layout == SPATIAL:
+            if is_grouped(module) and x.layout == SPATIAL:
                 self.read(x, name, SPATIAL)
                 self.space(x).fold = math.lcm(self.space(x).fold, module.groups)
                 out = self.new(SPATIAL, producer=name)
@@ -322,10 +308,13 @@ class _Tracer:
 
 
 class _LeafTracer(fx.Tracer):
-    """fx's tracer, keeping a removed block's per-channel shift as one call (like a BatchNorm)."""
+    """fx's tracer, keeping a removed block's per-channel shift and every BatchNorm subclass as one call: a
+    BatchNorm with its activation inside (timm's ``BatchNormAct2d``) is still per-channel, but traced
+    through it shows only an ``F.batch_norm`` on its buffers."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, ResidualBias) or super().is_leaf_module(m, module_qualified_name)
+        return (isinstance(m, ResidualBias | nn.modules.batchnorm._BatchNorm)
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 def _describe(node: fx.Node) -> str:
@@ -382,20 +371,19 @@ def _ignored(name: str, ignore: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in ignore)
 
 
-def trace_groups(model: nn.Module, ignore: Sequence[str] = (), *, grouped: bool = False) -> Tracing:
+def trace_groups(model: nn.Module, ignore: Sequence[str] = ()) -> Tracing:
     """Every prunable channel group of ``model`` (in module order of the first producer), and the
     producers left unpruned with the reasons.
 
     ``ignore`` lists module-name prefixes the user wants untouched: every group with a member under
-    one of them is left unpruned. ``grouped=True`` prunes through grouped convs (group-evenly); off by
-    default, as napkit estimates no K-FAC factors for grouped convs (NAP cannot score them). Raises
-    NapkitError when the model cannot be traced or its shapes disagree.
+    one of them is left unpruned. Grouped convs are pruned through group-evenly (NAP scores them with
+    per-group K-FAC factors, :mod:`napkit.curvature.grouped`). Raises NapkitError when the model cannot be traced or its shapes disagree.
     """
     try:
         graph = _LeafTracer().trace(model)
     except Exception as exc:  # fx raises many types for untraceable control flow
         raise NapkitError(f"cannot trace {type(model).__name__} with torch.fx: {exc}") from exc
-    tracer = _Tracer(model, grouped)
+    tracer = _Tracer(model)
     tracer.run(graph)
     order = {name: i for i, name in enumerate(tracer.modules)}
     groups, unpruned = [], {}
@@ -418,9 +406,9 @@ def trace_groups(model: nn.Module, ignore: Sequence[str] = (), *, grouped: bool 
                    {p: unpruned[p] for p in sorted(unpruned, key=order.__getitem__)})
 
 
-def channel_groups(model: nn.Module, ignore: Sequence[str] = (), *, grouped: bool = False) -> list[ChannelGroup]:
+def channel_groups(model: nn.Module, ignore: Sequence[str] = ()) -> list[ChannelGroup]:
     """Every prunable channel group of ``model`` (see :func:`trace_groups`)."""
-    return trace_groups(model, ignore, grouped=grouped).groups
+    return trace_groups(model, ignore).groups
 
 
 def warn_unpruned(tracing: Tracing, *, limit: int = 40) -> list[str]:
@@ -474,16 +462,6 @@ def _consumer(model: nn.Module, name: str, layout: str, size: int) -> Consumer:
     if block * size != d_in:
         raise NapkitError(f"layer {name!r} has {d_in} inputs, not a multiple of the {size} channels it reads")
     return Consumer(name, block)
-
-
-def group_layers(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, PrunableLayer]:
-    """Producers and consumers of ``groups``: the layers whose K-FAC factors NAP's channel scores need.
-
-    Pass them as ``estimate_kfac(..., layers=...)``: a model's other Linear layers may never run as
-    modules (attention projections used through their weights, as in ViT and Swin).
-    """
-    names = {p for g in groups for p in g.producers} | {c.name for g in groups for c in g.consumers}
-    return {n: model.get_submodule(n) for n in sorted(names)}  # type: ignore[misc]
 
 
 def find_group(groups: list[ChannelGroup], group_id: str) -> ChannelGroup:

@@ -29,6 +29,7 @@ from napkit.curvature import KFACFactors, weight_with_bias
 from napkit.errors import NapkitError
 from napkit.pruning.importance import live_inputs
 from napkit.registry import Registry
+from napkit.structured.consumers import consumer_blocks
 from napkit.structured.groups import ChannelGroup, Consumer, saved_flops
 
 Scores = dict[str, Tensor]
@@ -144,6 +145,11 @@ class NapChannels(ChannelImportance):
     rows' own OBS term ``w_i^T A w_i / (2 [G^-1]_ii)`` (``w_i`` row i of ``W_h``), the earlier score, for
     ablation only: it double-counts. A channel that was zero on every sample (dead ReLU) scores 0 at
     its consumers. ``per_flop`` divides by the FLOPs the removal saves (FLOPs targets).
+
+    A grouped-conv consumer is scored per conv group, on that group's factors (its channels' columns live
+    in their group's weight block only). Depthwise filters add no term, for the same reason the producer
+    rows add none: they only carry the channel to its consumers, whose column terms already price the
+    channel's removal. A group with a consumer that has no factors (it never ran as a module) scores +inf.
     """
 
     needs_curvature = True
@@ -159,37 +165,45 @@ class NapChannels(ChannelImportance):
             raise NapkitError(f"{self.name} needs K-FAC factors of the current model; pass factors")
         if self.per_flop and layer_flops is None:
             raise NapkitError(f"{self.name} with per_flop needs the model's per-layer FLOPs")
-        members = {c.name for g in groups for c in g.consumers}
-        if self.producer_rows:
-            members |= {p for g in groups for p in g.producers}
-        damped = {name: self._factors(model, name, factors) for name in members}
         scores: Scores = {}
         for g in groups:
-            terms = [column_terms(model, c, damped[c.name], inputs.compensated)
-                     * _live_channels(factors[c.name], c.block) for c in g.consumers]
+            terms = [self._consumer_terms(model, c, factors, inputs.compensated) for c in g.consumers]
             if self.producer_rows:
-                terms += [row_terms(model, p, damped[p]) for p in g.producers]
+                terms += [row_terms(model, p, self._damped(p, weight_with_bias(model.get_submodule(p)), factors))
+                          for p in g.producers]
+            if any(t is None for t in terms):  # a consumer that never ran as a module: NAP cannot judge it
+                scores[g.id] = torch.full((g.size,), math.inf, dtype=torch.float64)
+                continue
             score = torch.stack(terms).sum(0) if terms else torch.zeros(g.size, dtype=torch.float64)
             if layer_flops is not None and self.per_flop:
                 score = score / saved_flops(model, g, layer_flops)
             scores[g.id] = score
         return scores
 
-    def _factors(self, model: nn.Module, name: str, factors: dict[str, KFACFactors]) -> KFACFactors:
-        """The layer's damped factors, checked against its current shape."""
-        if name not in factors:
-            raise NapkitError(f"no K-FAC factors for layer {name!r}; estimate them on the current model")
-        f = factors[name]
+    def _consumer_terms(self, model: nn.Module, consumer: Consumer, factors: dict[str, KFACFactors],
+                        compensated: bool) -> Tensor | None:
+        """Column terms of every input channel of one consumer, block by block (a grouped conv: per conv
+        group, on that group's factors); None when the consumer has no factors (it never ran as a module)."""
+        blocks = consumer_blocks(model, consumer)
+        if any(b.key not in factors for b in blocks):
+            return None
+        return torch.cat([column_terms(b.weight, self._damped(b.key, b.weight, factors), consumer.block, compensated)
+                          * _live_channels(factors[b.key], consumer.block) for b in blocks])
+
+    def _damped(self, key: str, w_h: Tensor, factors: dict[str, KFACFactors]) -> KFACFactors:
+        """The damped factors of ``key`` (a layer or a conv group), checked against its current ``W_h``."""
+        if key not in factors:
+            raise NapkitError(f"no K-FAC factors for layer {key!r}; estimate them on the current model")
+        f = factors[key]
         if float(f.g_mean_eig()) <= torch.finfo(f.G.dtype).tiny:
             raise NapkitError(
-                f"layer {name!r} has (numerically) zero output-gradient curvature G: the loss does not depend "
+                f"layer {key!r} has (numerically) zero output-gradient curvature G: the loss does not depend "
                 f"on its outputs (e.g. a zero-initialised residual BatchNorm); NAP needs a trained model"
             )
-        w = weight_with_bias(model.get_submodule(name))
-        if (f.d_out, f.d_in_h) != tuple(w.shape):
+        if (f.d_out, f.d_in_h) != tuple(w_h.shape):
             raise NapkitError(
-                f"K-FAC factors of {name!r} are {f.d_out}x{f.d_in_h} but the layer is "
-                f"{w.shape[0]}x{w.shape[1]}; they were estimated on another (unpruned?) model"
+                f"K-FAC factors of {key!r} are {f.d_out}x{f.d_in_h} but the layer is "
+                f"{w_h.shape[0]}x{w_h.shape[1]}; they were estimated on another (unpruned?) model"
             )
         return f.damped(self.damping)
 
@@ -215,20 +229,19 @@ def row_terms(model: nn.Module, name: str, f: KFACFactors) -> Tensor:
     return ((f.mul_a(w) * w).sum(1) / (2.0 * f.g_inv_diag())).double()
 
 
-def column_terms(model: nn.Module, consumer: Consumer, f: KFACFactors, compensated: bool = True) -> Tensor:
-    """Quadratic-model cost of removing each input channel (column block B) of a consumer.
+def column_terms(w_h: Tensor, f: KFACFactors, block: int, compensated: bool = True) -> Tensor:
+    """Quadratic-model cost of removing each input channel (column block B of ``block`` columns) of ``W_h``.
 
     ``0.5 tr(W_B^T G W_B P_B)``. Compensated (the other columns refit, the joint OBS cost):
     ``P_B = ([A^-1]_BB)^-1``, for one column ``w_j^T G w_j / (2 [A^-1]_jj)``. Not compensated (zeroing):
     ``P_B = A_BB``.
     """
-    b = consumer.block
-    w = weight_with_bias(model.get_submodule(consumer.name)).to(f.G)[:, : f.d_in]
-    channels = f.d_in // b
-    wb = w.reshape(w.shape[0], channels, b)
-    gwb = (f.G @ w).reshape(w.shape[0], channels, b)
+    w = w_h.to(f.G)[:, : f.d_in]
+    channels = f.d_in // block
+    wb = w.reshape(w.shape[0], channels, block)
+    gwb = (f.G @ w).reshape(w.shape[0], channels, block)
     m = torch.einsum("ocb,oce->cbe", wb, gwb)
-    p = _schur_blocks(f, channels, b) if compensated else _a_blocks(f, channels, b)
+    p = _schur_blocks(f, channels, block) if compensated else _a_blocks(f, channels, block)
     return (0.5 * (m * p).sum((1, 2))).double()
 
 

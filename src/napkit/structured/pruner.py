@@ -22,11 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from napkit.curvature import KFACFactors, weight_with_bias
+from napkit.curvature import KFACFactors
 from napkit.errors import NapkitError, unknown_choice
 from napkit.pruning.allocation import CannotPruneFurther
 from napkit.pruning.compensation import column_removal_update, quadratic_increase
 from napkit.structured.blocks import BRANCH, INNER, block_of, bottlenecks
+from napkit.structured.consumers import consumer_blocks
 from napkit.structured.flops import module_flops
 from napkit.structured.groups import (
     ChannelGroup,
@@ -221,8 +222,7 @@ class StructuredPruner:
         self.min_channels, self.max_group_sparsity = min_channels, max_group_sparsity
         self.factors_provider = factors_provider
         self.ignore = tuple(ignore)
-        self.grouped = not self.importance.needs_curvature  # no K-FAC factors for grouped convs
-        tracing = trace_groups(dense, self.ignore, grouped=self.grouped)
+        tracing = trace_groups(dense, self.ignore)
         groups = tracing.groups
         if not groups:
             why = sorted({r for reasons in tracing.unpruned.values() for r in reasons})
@@ -245,7 +245,7 @@ class StructuredPruner:
 
     def density(self, model: nn.Module) -> dict[str, float]:
         """Kept share of every dense group's channels in ``model`` (0 for a removed block's groups)."""
-        kept = {self.dense_group(g).id: g.size for g in channel_groups(model, self.ignore, grouped=self.grouped)}
+        kept = {self.dense_group(g).id: g.size for g in channel_groups(model, self.ignore)}
         return {g.id: kept.get(g.id, 0) / g.size for g in self.dense_groups}
 
     def _floor(self, group: ChannelGroup) -> int:
@@ -300,7 +300,7 @@ class StructuredPruner:
 
     def __call__(self, model: nn.Module, iteration: int) -> nn.Module:
         """A new, smaller model; ``model`` itself when it already meets the target."""
-        groups = channel_groups(model, self.ignore, grouped=self.grouped)
+        groups = channel_groups(model, self.ignore)
         flops = count_flops(model, self.input_shape)
         needs = self.importance.needs_curvature or self.compensate
         factors = self.factors_provider(model, iteration) if needs and self.factors_provider else None
@@ -392,7 +392,7 @@ def compensate_consumers_(model: nn.Module, groups: list[ChannelGroup], plan: Ma
                           apply_update: bool = True) -> float:
     """Refit every consumer of the channels ``plan`` removes (in place) and return the predicted increase.
 
-    For each consumer, the removed channels' column blocks get the exact OBS update
+    For each consumer (a grouped conv: each conv group), the removed channels' column blocks get the exact OBS update
     (:func:`~napkit.pruning.compensation.column_removal_update`) on its damped factors: they become
     zero and the kept columns and the bias absorb them. Physically cutting the channels afterwards
     (:func:`~napkit.structured.surgery.apply`) then changes no output. Returns the undamped K-FAC
@@ -406,24 +406,25 @@ def compensate_consumers_(model: nn.Module, groups: list[ChannelGroup], plan: Ma
         gone[torch.as_tensor(keep, dtype=torch.long)] = False
         for consumer in group.consumers:
             layer = model.get_submodule(consumer.name)
-            if consumer.name not in factors:
-                raise NapkitError(f"no K-FAC factors for layer {consumer.name!r}; estimate them on the "
-                                  f"current model")
-            undamped = factors[consumer.name].to(torch.float64)
-            f = undamped.damped(damping)
-            w_h = weight_with_bias(layer).to(f.G)
             d_in = layer.weight[0].numel()
-            if (f.d_out, f.d_in_h) != tuple(w_h.shape):
-                raise NapkitError(f"K-FAC factors of {consumer.name!r} are {f.d_out}x{f.d_in_h} but the layer "
-                                  f"is {w_h.shape[0]}x{w_h.shape[1]}; estimate them on the current model")
-            cols = torch.zeros(w_h.shape[1], dtype=torch.bool, device=w_h.device)
-            cols[:d_in] = gone.to(w_h.device).repeat_interleave(consumer.block)
-            delta = column_removal_update(w_h, cols, f, compensate=apply_update)
-            predicted += quadratic_increase(delta, undamped)
-            if apply_update:
-                layer.weight.add_(delta[:, :d_in].reshape(layer.weight.shape).to(layer.weight))
-                if layer.bias is not None:
-                    layer.bias.add_(delta[:, d_in].to(layer.bias))
+            for blk in consumer_blocks(model, consumer):
+                if blk.key not in factors:
+                    raise NapkitError(f"no K-FAC factors for layer {blk.key!r}; estimate them on the current model")
+                undamped = factors[blk.key].to(torch.float64)
+                f = undamped.damped(damping)
+                w_h = blk.weight.to(f.G)
+                if (f.d_out, f.d_in_h) != tuple(w_h.shape):
+                    raise NapkitError(f"K-FAC factors of {blk.key!r} are {f.d_out}x{f.d_in_h} but the layer "
+                                      f"is {w_h.shape[0]}x{w_h.shape[1]}; estimate them on the current model")
+                cols = torch.zeros(w_h.shape[1], dtype=torch.bool, device=w_h.device)
+                cols[:d_in] = gone[blk.channels].to(w_h.device).repeat_interleave(consumer.block)
+                delta = column_removal_update(w_h, cols, f, compensate=apply_update)
+                predicted += quadratic_increase(delta, undamped)
+                if apply_update:
+                    rows = layer.weight[blk.rows]
+                    rows.add_(delta[:, :d_in].reshape(rows.shape).to(rows))
+                    if layer.bias is not None:
+                        layer.bias[blk.rows].add_(delta[:, d_in].to(layer.bias))
     return predicted
 
 

@@ -118,7 +118,7 @@ def apply(model: nn.Module, plan: Plan, *, groups: list[ChannelGroup] | None = N
     its constant is that of the masked branch.
     ``groups`` (from :func:`channel_groups` on ``model``) saves tracing again.
     """
-    groups = channel_groups(model, grouped=True) if groups is None else groups
+    groups = channel_groups(model) if groups is None else groups
     blocks = bottlenecks(model)
     chosen = [(find_group(groups, gid), keep) for gid, keep in plan.items()]
     skips: dict[str, str] = {}
@@ -140,7 +140,7 @@ def apply(model: nn.Module, plan: Plan, *, groups: list[ChannelGroup] | None = N
 def channel_counts(model: nn.Module) -> dict[str, int]:
     """Architecture description of a (pruned) model: out channels of every producer of a prunable group,
     and 0 for the conv1 and conv2 of every bottleneck reduced to its shortcut."""
-    counts = {p: g.size for g in channel_groups(model, grouped=True) for p in g.producers}
+    counts = {p: g.size for g in channel_groups(model) for p in g.producers}
     return counts | {f"{b}.{layer}": 0 for b in skipped_blocks(model) for layer in INNER}
 
 
@@ -156,7 +156,7 @@ def slim_to(model: nn.Module, counts: Mapping[str, int]) -> nn.Module:
     skipped = skipped_blocks(model)
     counts = {name: k for name, k in counts.items() if k != 0 or block_of(name, skipped) is None}
     # a group the description leaves out kept every channel (the pruned model's tracing did not offer it)
-    groups = [g for g in channel_groups(model, grouped=True) if any(p in counts for p in g.producers)]
+    groups = [g for g in channel_groups(model) if any(p in counts for p in g.producers)]
     extra = sorted(set(counts) - {p for g in groups for p in g.producers})
     if extra:
         raise NapkitError(f"channel counts do not describe this {type(model).__name__}: unknown layers {extra}")

@@ -1,8 +1,8 @@
 """Zoo check: does structured pruning cover torchvision's classifiers?
 
 For each builder name (``torchvision.models.list_models(module=torchvision.models)``, 80 of them),
-build the model with random weights at a small input, prune it in one uniform (or global) L1 step to
-``target``x fewer FLOPs with :class:`~napkit.structured.pruner.StructuredPruner`, run the pruned model
+build the model with random weights at a small input, prune it in one uniform (or global) L1 (or NAP,
+``--criterion nap``) step to ``target``x fewer FLOPs with :class:`~napkit.structured.pruner.StructuredPruner`, run the pruned model
 and measure the FLOPs it reached. ``python -m napkit.structured.zoo [--models ...]`` prints one row
 per model and, last, ``zoo_ok=<n>/<m>``. When Torch-Pruning (``torch_pruning``) is installed, each
 row also shows the FLOPs reduction its L1 ``MetaPruner`` reaches on the same model (same allocation,
@@ -24,8 +24,9 @@ import torch
 import torchvision
 from torch import nn
 
+from napkit.curvature import LayersNotRunWarning, estimate_kfac
 from napkit.structured.groups import UnprunedLayersWarning
-from napkit.structured.pruner import StructuredPruner, count_flops
+from napkit.structured.pruner import FactorsProvider, StructuredPruner, count_flops
 
 NUM_CLASSES = 1000
 INPUT_SIZE = 64  # small enough for a CPU, large enough for every torchvision classifier but these:
@@ -72,11 +73,31 @@ def num_params(name: str) -> int:
     return int(next(iter(weights)).meta.get("num_params", 0))
 
 
+def curvature_on_noise(model: nn.Module, size: int, samples: int = 8) -> FactorsProvider:
+    """K-FAC factors of a randomly initialised ``model`` on Gaussian inputs (true Fisher), as a provider.
+
+    Zero-initialised Linear layers (ViT's head) are re-drawn first: they would make every gradient zero.
+    Layers that never run as modules get no factors (their warning is silenced: the table counts them).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and not m.weight.any():
+            nn.init.normal_(m.weight, std=0.01)
+    x, y = torch.randn(samples, 3, size, size), torch.zeros(samples, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LayersNotRunWarning)
+        factors = estimate_kfac(model, [(x, y)], num_samples=samples, progress=False)
+    return lambda m, iteration: factors
+
+
 def check_model(
     name: str, *, target: float = 2.0, allocation: str = "uniform", tolerance: float = 0.95,
-    ignore: Sequence[str] = (), torch_pruning: bool = False,
+    ignore: Sequence[str] = (), torch_pruning: bool = False, criterion: str = "l1",
 ) -> ZooRow:
-    """Prune torchvision model ``name`` to ``target``x fewer FLOPs in one L1 step and run it."""
+    """Prune torchvision model ``name`` to ``target``x fewer FLOPs in one step and run it.
+
+    ``criterion="nap"`` ranks channels by NAP's K-FAC scores (factors from :func:`curvature_on_noise`) and
+    refits the consumers, as the pipeline does; ``"l1"`` by filter norms.
+    """
     start = time.perf_counter()
     size, params = 0, 0
     try:
@@ -85,10 +106,12 @@ def check_model(
         model.eval()
         params = sum(p.numel() for p in model.parameters())
         shape = (1, 3, size, size)
+        provider = curvature_on_noise(model, size) if criterion == "nap" else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UnprunedLayersWarning)  # counted in the table instead
-            pruner = StructuredPruner("l1", model, input_shape=shape, step_fraction=1.0,
-                                      target_flops_reduction=target, allocation=allocation, ignore=ignore)
+            pruner = StructuredPruner(criterion, model, input_shape=shape, step_fraction=1.0,
+                                      target_flops_reduction=target, allocation=allocation, ignore=ignore,
+                                      factors_provider=provider)
         pruned = pruner(model, 0)
         with torch.no_grad():
             out = pruned(torch.randn(shape))
@@ -160,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", help="torchvision builder names (default: all 80)")
     parser.add_argument("--target", type=float, default=2.0, help="FLOPs reduction factor (default 2)")
     parser.add_argument("--allocation", default="uniform", choices=("uniform", "global"))
+    parser.add_argument("--criterion", default="l1", choices=("l1", "nap"),
+                        help="channel scores: L1 filter norms, or NAP's K-FAC OBS (factors on noise inputs)")
     parser.add_argument("--max-params", type=float, default=None, help="skip models above this many millions")
     parser.add_argument("--no-torch-pruning", action="store_true", help="skip the Torch-Pruning column")
     args = parser.parse_args(argv)
@@ -170,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(header(tp), flush=True)
     rows = []
     for name in names:
-        rows.append(check_model(name, target=args.target, allocation=args.allocation, torch_pruning=tp))
+        rows.append(check_model(name, target=args.target, allocation=args.allocation, torch_pruning=tp,
+                                criterion=args.criterion))
         print(format_row(rows[-1], tp), flush=True)
     if tp:
         reached = sum((r.tp_flops_reduction or 0.0) >= 0.95 * args.target for r in rows)
