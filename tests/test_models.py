@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,7 @@ def test_dotted_builder_gets_the_data_args_it_takes(tmp_path, monkeypatch):
         create_model("my_pkg.nets.tiny", num_classes=5, in_channels=2, input_size=16, depth=2)
     with pytest.raises(NapkitError, match="not a callable builder"):
         create_model("my_pkg.nets.NOT_A_BUILDER", num_classes=5, in_channels=2, input_size=16)
+    monkeypatch.setitem(sys.modules, "timm", None)  # timm is in the test extra: import it as if missing
     with pytest.raises(NapkitError, match="cannot be imported.*optional extra"):
         create_model("timm.create_model", num_classes=5, in_channels=3, input_size=16, model_name="resnet18")
 
