@@ -2,9 +2,10 @@
 
 ``name`` may be a torchvision classifier (``resnet18`` or ``torchvision.models.resnet18``; all 80 of
 ``torchvision.models.list_models``), ``timm.create_model`` (timm is an optional extra; ``model_name``
-goes in the kwargs) or any importable ``my_package.my_builder`` returning an ``nn.Module``. The data
-keywords reach the builder under the names it takes (``num_classes``; ``in_channels`` / ``in_chans``;
-``input_size`` / ``image_size`` / ``img_size``); a builder that takes no input-channel keyword gets
+goes in the kwargs, ``conf/model/timm.yaml``) or any importable ``my_package.my_builder`` returning an
+``nn.Module``. The data keywords reach the builder under the names it takes (``num_classes``;
+``in_channels`` / ``in_chans``; ``input_size`` / ``image_size`` / ``img_size``; a timm model built for
+one input size, ViT or Swin, gets ``img_size``); a builder that takes no input-channel keyword gets
 its first 3-channel conv replaced when ``in_channels != 3``. ``weights`` picks torchvision's
 pretrained weights by enum name (local hub cache only).
 """
@@ -51,7 +52,8 @@ def build(name: str, *, num_classes: int, in_channels: int, input_size: int, wei
             raise NapkitError(f"model.weights={weights!r} names torchvision weights, but {name!r} is not a "
                               f"torchvision model; pass a weights file instead")
         builder = _import(name)
-        model = _call(name, builder, _data_args(name, builder, num_classes, in_channels, input_size) | kwargs)
+        data = _data_args(name, builder, num_classes, in_channels, input_size, kwargs.get("model_name"))
+        model = _call(name, builder, data | kwargs)
     if in_channels != 3 and not _takes_channels(name, tv):
         _replace_first_conv(model, in_channels)
     if weights is not None and tv is not None:
@@ -93,15 +95,26 @@ def _accepts(builder: Callable[..., Any]) -> tuple[set[str], bool]:
 
 
 def _data_args(name: str, builder: Callable[..., Any], num_classes: int, in_channels: int,
-               input_size: int) -> dict[str, Any]:
-    """The data keywords under the names ``builder`` takes (timm: ``num_classes``, ``in_chans``)."""
+               input_size: int, model_name: Any = None) -> dict[str, Any]:
+    """The data keywords under the names ``builder`` takes (timm: ``num_classes``, ``in_chans`` and, for
+    a model built for one input size, ``img_size``)."""
     names, var = _accepts(builder)
     if name == "timm.create_model":
-        return {"num_classes": num_classes, "in_chans": in_channels}
+        return {"num_classes": num_classes, "in_chans": in_channels} | _timm_size(model_name, input_size)
     out: dict[str, Any] = {"num_classes": num_classes} if "num_classes" in names or var else {}
     out |= {k: in_channels for k in _CHANNELS if k in names}
     out |= {k: input_size for k in _SIZES if k in names}
     return out
+
+
+def _timm_size(model_name: Any, input_size: int) -> dict[str, Any]:
+    """``img_size`` for a timm model whose pretrained config says ``fixed_input_size`` (ViT, DeiT, Swin,
+    MaxViT ...: their position embeddings or windows are sized at build time; timm's default is 224 px,
+    so a 32 px dataset would fail at the first batch). CNNs take no ``img_size``: nothing for them."""
+    import timm
+
+    cfg = timm.get_pretrained_cfg(model_name) if isinstance(model_name, str) else None
+    return {"img_size": input_size} if cfg is not None and cfg.fixed_input_size else {}
 
 
 def _takes_channels(name: str, tv: str | None) -> bool:

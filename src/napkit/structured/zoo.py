@@ -4,9 +4,11 @@ For each builder name (``torchvision.models.list_models(module=torchvision.model
 build the model with random weights at a small input, prune it in one uniform (or global) L1 (or NAP,
 ``--criterion nap``) step to ``target``x fewer FLOPs with :class:`~napkit.structured.pruner.StructuredPruner`, run the pruned model
 and measure the FLOPs it reached. ``python -m napkit.structured.zoo [--models ...]`` prints one row
-per model and, last, ``zoo_ok=<n>/<m>``. When Torch-Pruning (``torch_pruning``) is installed, each
-row also shows the FLOPs reduction its L1 ``MetaPruner`` reaches on the same model (same allocation,
-classifier output kept, stepped until the target), and ``tp_ok=<n>/<m>`` comes before the last line.
+per model and, last, ``zoo_ok=<n>/<m>``; ``--timm resnet18,efficientnet_b0`` checks those timm models
+instead (random weights, built through napkit's ``model=timm`` path; timm is an optional extra). When
+Torch-Pruning (``torch_pruning``) is installed, each row also shows the FLOPs reduction its L1
+``MetaPruner`` reaches on the same model (same allocation, classifier output kept, stepped until the
+target), and ``tp_ok=<n>/<m>`` comes before the last line.
 """
 
 from __future__ import annotations
@@ -14,17 +16,20 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import re
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 
 from napkit.curvature import LayersNotRunWarning, estimate_kfac
+from napkit.models import create_model
 from napkit.structured.groups import UnprunedLayersWarning
 from napkit.structured.pruner import FactorsProvider, StructuredPruner, count_flops
 
@@ -33,6 +38,7 @@ INPUT_SIZE = 64  # small enough for a CPU, large enough for every torchvision cl
 _SIZES = {"inception_v3": 96, "maxvit_t": 224} | {  # Swin pads every stage to whole 7x7 windows
     f"swin_{v}": 224 for v in ("t", "s", "b", "v2_t", "v2_s", "v2_b")}
 _PATCH = {"vit_b_16": 16, "vit_b_32": 32, "vit_l_16": 16, "vit_l_32": 32, "vit_h_14": 14}
+_TIMM_PATCH = re.compile(r"patch(\d+)")  # timm's ViT / DeiT / Swin names carry their patch size
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,21 @@ def build(name: str) -> tuple[nn.Module, int]:
     return torchvision.models.get_model(name, weights=None, **kwargs), size
 
 
+def build_timm(name: str) -> tuple[nn.Module, int]:
+    """Randomly initialised timm model ``name`` and its input size, through napkit's builder path (what
+    ``model=timm model.model_name=<name>`` builds; a ViT or Swin gets ``img_size`` from it). ViT / DeiT
+    run at a 2x2 patch grid like torchvision's, Swin at 64 px with 4x4 windows (no padding)."""
+    size = INPUT_SIZE
+    kwargs: dict[str, Any] = {}
+    patch = _TIMM_PATCH.search(name)
+    if patch and name.startswith("swin"):
+        kwargs = {"window_size": 4}
+    elif patch:
+        size = 2 * int(patch.group(1))
+    return create_model("timm.create_model", num_classes=NUM_CLASSES, in_channels=3, input_size=size,
+                        model_name=name, pretrained=False, **kwargs), size
+
+
 def num_params(name: str) -> int:
     """Parameter count from torchvision's weight metadata (no download), for ordering runs by size."""
     weights = torchvision.models.get_model_weights(name)
@@ -92,8 +113,10 @@ def curvature_on_noise(model: nn.Module, size: int, samples: int = 8) -> Factors
 def check_model(
     name: str, *, target: float = 2.0, allocation: str = "uniform", tolerance: float = 0.95,
     ignore: Sequence[str] = (), torch_pruning: bool = False, criterion: str = "l1",
+    builder: Callable[[str], tuple[nn.Module, int]] = build,
 ) -> ZooRow:
-    """Prune torchvision model ``name`` to ``target``x fewer FLOPs in one step and run it.
+    """Prune model ``name`` (torchvision's; ``builder=build_timm``: timm's) to ``target``x fewer FLOPs in
+    one step and run it.
 
     ``criterion="nap"`` ranks channels by NAP's K-FAC scores (factors from :func:`curvature_on_noise`) and
     refits the consumers, as the pipeline does; ``"l1"`` by filter norms.
@@ -102,7 +125,7 @@ def check_model(
     size, params = 0, 0
     try:
         torch.manual_seed(0)
-        model, size = build(name)
+        model, size = builder(name)
         model.eval()
         params = sum(p.numel() for p in model.parameters())
         shape = (1, 3, size, size)
@@ -168,19 +191,21 @@ def format_row(row: ZooRow, torch_pruning: bool = False) -> str:
     if torch_pruning:
         tp = f"{row.tp_flops_reduction:>7.2f}x " if row.tp_flops_reduction is not None else f"{'err':>8} "
     errors = "; ".join(e for e in (row.error, row.tp_error and f"TP {row.tp_error}") if e)
-    return (f"{row.name:<20} {status:<4} {row.input_size:>4} {row.params / 1e6:>8.1f}M "
+    return (f"{row.name:<28} {status:<4} {row.input_size:>4} {row.params / 1e6:>8.1f}M "
             f"{row.flops_reduction:>6.2f}x {row.params_reduction:>6.2f}x {row.unpruned:>5} {tp}"
             f"{row.seconds:>7.1f}s  {errors}")
 
 
 def header(torch_pruning: bool = False) -> str:
     tp = f" {'TP flops':>8}" if torch_pruning else ""
-    return f"{'model':<20} {'ok':<4} {'px':>4} {'params':>9} {'flops':>7} {'params':>7} {'unpr':>5}{tp} {'time':>8}"
+    return f"{'model':<28} {'ok':<4} {'px':>4} {'params':>9} {'flops':>7} {'params':>7} {'unpr':>5}{tp} {'time':>8}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m napkit.structured.zoo", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", help="torchvision builder names (default: all 80)")
+    parser.add_argument("--timm", nargs="+", default=[], metavar="NAME[,NAME...]",
+                        help="timm model names instead (e.g. resnet18,efficientnet_b0,vit_tiny_patch16_224)")
     parser.add_argument("--target", type=float, default=2.0, help="FLOPs reduction factor (default 2)")
     parser.add_argument("--allocation", default="uniform", choices=("uniform", "global"))
     parser.add_argument("--criterion", default="l1", choices=("l1", "nap"),
@@ -189,14 +214,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-torch-pruning", action="store_true", help="skip the Torch-Pruning column")
     args = parser.parse_args(argv)
     tp = torch_pruning_available() and not args.no_torch_pruning
-    names = args.models or sorted(torchvision_models(), key=num_params)
+    timm_names = [n for arg in args.timm for n in arg.split(",") if n]
+    names = args.models or ([] if timm_names else sorted(torchvision_models(), key=num_params))
     if args.max_params is not None:
         names = [n for n in names if num_params(n) <= args.max_params * 1e6]
+    runs = [(n, build) for n in names] + [(n, build_timm) for n in timm_names]
     print(header(tp), flush=True)
     rows = []
-    for name in names:
+    for name, builder in runs:
         rows.append(check_model(name, target=args.target, allocation=args.allocation, torch_pruning=tp,
-                                criterion=args.criterion))
+                                criterion=args.criterion, builder=builder))
         print(format_row(rows[-1], tp), flush=True)
     if tp:
         reached = sum((r.tp_flops_reduction or 0.0) >= 0.95 * args.target for r in rows)
