@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from napkit.curvature.factors import KFACFactors
-from napkit.curvature.patches import conv_patches, lattice_step
+from napkit.curvature.patches import conv_patches, lattice_step, with_bias_coordinate
 from napkit.errors import NapkitError
 
 SEPARATOR = "#"
@@ -97,9 +97,7 @@ class GroupedSums:
         for k in range(self.layer.groups):
             a = self.aa[k] / self.rows
             if has_bias:
-                mean = (self.a_sum[k] / self.rows).unsqueeze(1)
-                one = torch.ones(1, 1, dtype=self.dtype, device=self.device)
-                a = torch.cat([torch.cat([a, mean], 1), torch.cat([mean.T, one], 1)], 0)
+                a = with_bias_coordinate(a, self.a_sum[k] / self.rows)
             out[group_key(name, k)] = KFACFactors(A=a, G=self.gg[k] / self.examples, num_samples=self.examples,
                                                   has_bias=has_bias, positions=int(self.positions or 1))
         return out

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from napkit.curvature.factors import KFACFactors
 from napkit.curvature.grouped import GroupedSums
-from napkit.curvature.patches import conv_patches, lattice_step
+from napkit.curvature.patches import conv_patches, lattice_step, with_bias_coordinate
 from napkit.errors import NapkitError, unknown_choice
 from napkit.layers import PrunableLayer, is_grouped, is_prunable, weight_matrix_shape
 
@@ -155,9 +155,7 @@ class _LayerSums:
             bias = torch.ones((), dtype=self.dtype, device=self.device) if has_bias else None
             return KFACFactors(A=None, A_blocks=a, A_bias=bias, **common)
         if has_bias:
-            mean = (self.a_sum / self.rows).unsqueeze(1)
-            one = torch.ones(1, 1, dtype=self.dtype, device=self.device)
-            a = torch.cat([torch.cat([a, mean], 1), torch.cat([mean.T, one], 1)], 0)
+            a = with_bias_coordinate(a, self.a_sum / self.rows)
         return KFACFactors(A=a, **common)
 
 

@@ -1,7 +1,9 @@
-"""Unfolded conv input patches, the rows of a conv layer's K-FAC factor A (shared by plain and grouped convs)."""
+"""The rows of a layer's K-FAC factor A: unfolded conv input patches, and the bias coordinate (shared by plain
+and grouped convs)."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -26,3 +28,11 @@ def lattice_step(height: int, width: int, max_positions: int | None) -> int:
     while -(-height // step) * -(-width // step) > max_positions:
         step += 1
     return step
+
+
+def with_bias_coordinate(a: Tensor, mean: Tensor) -> Tensor:
+    """``A`` over ``[input, 1]``: the input second moment ``a``, the input mean ``mean`` as the cross terms with
+    the constant 1 the bias multiplies, and 1 in the corner."""
+    one = torch.ones(1, 1, dtype=a.dtype, device=a.device)
+    col = mean.unsqueeze(1)
+    return torch.cat([torch.cat([a, col], 1), torch.cat([col.T, one], 1)], 0)
