@@ -99,7 +99,7 @@ def test_layers_that_do_not_run_as_modules_are_left_out_with_a_warning() -> None
 
 
 def test_a_factor_file_may_lack_only_the_layers_it_records_as_not_run(tmp_path) -> None:
-    from napkit.curvature import load_factors, save_factors
+    from napkit.curvature import load_factors, model_fingerprint, save_factors
     from napkit.curvature.storage import not_run
 
     model, x = _WithUnusedHead().eval(), torch.randn(8, 4)
@@ -114,7 +114,8 @@ def test_a_factor_file_may_lack_only_the_layers_it_records_as_not_run(tmp_path) 
     grouped = _GroupedNet(3).eval()
     factors = estimate_kfac(grouped, [(torch.randn(2, 2, 3, 3), torch.zeros(2, dtype=torch.long))], progress=False)
     save_factors(tmp_path / "grouped.safetensors", factors, {})
-    assert set(load_factors(tmp_path / "grouped.safetensors", grouped)[0]) == {"conv", "gc#0", "gc#1", "fc"}
+    loaded, meta = load_factors(tmp_path / "grouped.safetensors", grouped)
+    assert set(loaded) == {"conv", "gc#0", "gc#1", "fc"} and meta["fingerprint"] == model_fingerprint(grouped)
     with pytest.raises(NapkitError, match="does not match the model at layer 'gc#0'"):
         load_factors(tmp_path / "grouped.safetensors", _GroupedNetWide())
 

@@ -24,7 +24,7 @@ from napkit.curvature.grouped import group_key
 from napkit.curvature.kfac import estimated_layers
 from napkit.errors import NapkitError
 from napkit.io import check_finite, load_tensors, save_tensors
-from napkit.layers import is_grouped, prunable_layers, weight_matrix_shape
+from napkit.layers import is_grouped, weight_matrix_shape
 
 FORMAT = "napkit.kfac/1"
 
@@ -36,10 +36,13 @@ def shape_fingerprint(shapes: dict[str, tuple[int, int, bool]]) -> str:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """Fingerprint of the model's prunable layers, comparable with a factor file's ``fingerprint``."""
-    return shape_fingerprint(
-        {n: (*weight_matrix_shape(m), m.bias is not None) for n, m in prunable_layers(model).items()}
-    )
+    """Fingerprint of the layers K-FAC covers (per conv group for a grouped conv), comparable with the
+    ``fingerprint`` of a factor file estimated on this model."""
+    shapes = {}
+    for key, (layer, (d_out, d_in_h)) in expected_shapes(model).items():
+        has_bias = model.get_submodule(layer).bias is not None
+        shapes[key] = (d_out, d_in_h - int(has_bias), has_bias)
+    return shape_fingerprint(shapes)
 
 
 def _factor_tensors(name: str, f: KFACFactors) -> dict[str, Tensor]:
