@@ -193,6 +193,15 @@ def test_model_without_prunable_groups_fails_clearly() -> None:
         StructuredPruner("l1", model, input_shape=(1, 3, 8, 8), step_fraction=0.5)
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "regnet_x_400mf", "inception_v3"])
+def test_zoo_with_nap_scores(name: str) -> None:
+    """The zoo's NAP mode: K-FAC on noise (random labels: Inception v3's random softmax is saturated), channel
+    scores through SE blocks, grouped convs and aux heads that do not run in eval mode, consumer refits."""
+    row = check_model(name, criterion="nap", allocation="global")
+    assert row.ok, row.error
+    assert 2.0 <= row.flops_reduction < 2.1
+
+
 def test_zoo_cli_prints_count_last(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--models", "resnet18", "mobilenet_v3_small", "--no-torch-pruning"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

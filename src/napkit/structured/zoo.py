@@ -95,18 +95,22 @@ def num_params(name: str) -> int:
 
 
 def curvature_on_noise(model: nn.Module, size: int, samples: int = 8) -> FactorsProvider:
-    """K-FAC factors of a randomly initialised ``model`` on Gaussian inputs (true Fisher), as a provider.
+    """K-FAC factors of a randomly initialised ``model`` on Gaussian inputs and random labels, as a provider.
 
-    Zero-initialised Linear layers (ViT's head) are re-drawn first: they would make every gradient zero.
-    Layers that never run as modules get no factors (their warning is silenced: the table counts them).
+    The empirical Fisher with random labels: a random model's softmax can be saturated (Inception v3), and
+    labels drawn from it would make every gradient vanish. Zero-initialised Linear layers (ViT's head) are
+    re-drawn first for the same reason. Layers that never run as modules get no factors (their warning is
+    silenced: the table counts them).
     """
     for m in model.modules():
         if isinstance(m, nn.Linear) and not m.weight.any():
             nn.init.normal_(m.weight, std=0.01)
-    x, y = torch.randn(samples, 3, size, size), torch.zeros(samples, dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, 3, size, size, generator=gen)
+    y = torch.randint(0, NUM_CLASSES, (samples,), generator=gen)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LayersNotRunWarning)
-        factors = estimate_kfac(model, [(x, y)], num_samples=samples, progress=False)
+        factors = estimate_kfac(model, [(x, y)], fisher="empirical", num_samples=samples, progress=False)
     return lambda m, iteration: factors
 
 
