@@ -115,15 +115,31 @@ def test_bad_arguments_give_clear_errors(name, kwargs, message):
 @pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_model_config_composes(path):
     cfg = OmegaConf.load(path)
-    assert cfg.name == path.stem or (path.stem, cfg.name) == ("timm", "timm.create_model")
+    assert cfg.name == path.stem or (path.stem, cfg.name) in {("timm", "timm.create_model"), ("torchvision", "resnet18")}
     small = cfg.name in SMALL
     model = create_model(**cfg, num_classes=10, in_channels=3, input_size=32 if small else 224)
     assert isinstance(model, nn.Module)
 
 
 def test_every_model_has_a_config():
-    """One config per registered model, plus model=timm (any timm model by model.model_name)."""
-    assert sorted(p.stem for p in CONF.glob("*.yaml")) == sorted([*list_models(), "timm"])
+    """One config per registered model, plus model=timm and model=torchvision (any model of theirs by name)."""
+    assert sorted(p.stem for p in CONF.glob("*.yaml")) == sorted([*list_models(), "timm", "torchvision"])
+
+
+def test_model_torchvision_builds_any_classifier_for_the_dataset(compose_cfg) -> None:
+    """model=torchvision model.name=<builder>: none of the default model's own keys (width, dropout) reach
+    the builder, which would reject them."""
+    from types import SimpleNamespace
+
+    from napkit.schema import validate_config
+    from napkit.stages.common import model_spec
+
+    cfg = compose_cfg("model=torchvision", "model.name=mobilenet_v3_small")
+    validate_config(cfg)
+    spec = model_spec(cfg, SimpleNamespace(num_classes=7, in_channels=1, input_size=32))
+    assert spec.kwargs == {}
+    model = spec.build().eval()
+    assert type(model).__name__ == "MobileNetV3" and model(torch.randn(2, 1, 32, 32)).shape == (2, 7)
 
 
 def test_pretrained_weights_load_from_local_hub_cache(tmp_path, monkeypatch):
