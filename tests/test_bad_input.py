@@ -43,7 +43,7 @@ TINY = ["model=lenet5", "data.subset_train=256", "train.epochs=1", "finetune.epo
         "prune.max_iterations=1", "prune.finetune_epochs=1", "prune.tolerance=100", "curvature.num_samples=64",
         "tracking=disabled"]
 OTHER = ["model=vgg16_small", "model.width=0.0625"]  # "another model"
-MODELS = ("alexnet", "alexnet_small", "lenet5", "resnet50", "resnet50_small", "vgg16", "vgg16_bn", "vgg16_small")
+MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))  # the config group's options
 
 
 def _compose(artifacts: Path, *overrides: str) -> DictConfig:
