@@ -32,6 +32,7 @@ from napkit.curvature import LayersNotRunWarning, estimate_kfac
 from napkit.models import create_model
 from napkit.structured.groups import UnprunedLayersWarning
 from napkit.structured.pruner import FactorsProvider, StructuredPruner, count_flops
+from napkit.structured.surgery import recalibrate_bn
 
 NUM_CLASSES = 1000
 INPUT_SIZE = 64  # small enough for a CPU, large enough for every torchvision classifier but these:
@@ -98,16 +99,21 @@ def curvature_on_noise(model: nn.Module, size: int, samples: int = 8) -> Factors
     """K-FAC factors of a randomly initialised ``model`` on Gaussian inputs and random labels, as a provider.
 
     The empirical Fisher with random labels: a random model's softmax can be saturated (Inception v3), and
-    labels drawn from it would make every gradient vanish. Zero-initialised Linear layers (ViT's head) are
-    re-drawn first for the same reason. Layers that never run as modules get no factors (their warning is
+    labels drawn from it would make every gradient vanish. Zero-initialised layers are re-drawn first for
+    the same reason: a Linear head (ViT) gets small random weights, a residual branch's last BatchNorm (timm's
+    ResNets and RegNets) scale 1; and BatchNorm statistics are estimated on the noise, else activations grow
+    with depth until an SE block's sigmoid saturates (EfficientNet-B4 to B7). Layers that never run as modules get no factors (their warning is
     silenced: the table counts them).
     """
     for m in model.modules():
         if isinstance(m, nn.Linear) and not m.weight.any():
             nn.init.normal_(m.weight, std=0.01)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and not m.weight.any():
+            nn.init.ones_(m.weight)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(samples, 3, size, size, generator=gen)
     y = torch.randint(0, NUM_CLASSES, (samples,), generator=gen)
+    recalibrate_bn(model, [(x, y)], 1)  # eval-mode BatchNorm with fresh statistics normalises nothing
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LayersNotRunWarning)
         factors = estimate_kfac(model, [(x, y)], fisher="empirical", num_samples=samples, progress=False)
