@@ -21,8 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from napkit.curvature.factors import KFACFactors
-from napkit.curvature.patches import conv_patches, lattice_step, with_bias_coordinate
-from napkit.errors import NapkitError
+from napkit.curvature.patches import conv_patches, lattice_step, same_positions, with_bias_coordinate
 
 SEPARATOR = "#"
 
@@ -75,10 +74,7 @@ class GroupedSums:
         """Add one batch: layer input ``x`` and output gradients ``grad [b, C_out, H, W]``, in chunks."""
         g = self.layer.groups
         height, width = grad.shape[2], grad.shape[3]
-        if self.positions not in (None, height * width):
-            raise NapkitError(f"inconsistent output positions for a grouped conv: this batch gives {height * width}, "
-                              f"earlier batches gave {self.positions}; inputs must have one size")
-        self.positions = height * width
+        self.positions = same_positions(self.positions, height * width, self.layer)
         lattice = lattice_step(height, width, self.a_max_positions)
         for start in range(0, x.shape[0], chunk_size):
             patches = conv_patches(self.layer, x[start : start + chunk_size].detach(), lattice).to(self.dtype)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from napkit.curvature.factors import KFACFactors
 from napkit.curvature.grouped import GroupedSums
-from napkit.curvature.patches import conv_patches, lattice_step, with_bias_coordinate
+from napkit.curvature.patches import conv_patches, lattice_step, same_positions, with_bias_coordinate
 from napkit.errors import NapkitError, unknown_choice
 from napkit.layers import PrunableLayer, is_grouped, is_prunable, weight_matrix_shape
 
@@ -104,7 +104,7 @@ class _LayerSums:
         """Add one batch: layer input ``x`` and output gradient ``grad``, ``chunk_size`` examples at a time."""
         for start in range(0, x.shape[0], chunk_size):
             g = self._grads(grad[start : start + chunk_size]).to(self.dtype)
-            self._check_positions(g)
+            self.positions = same_positions(self.positions, g.shape[2] * g.shape[3], self.layer)
             self._add_inputs(self._inputs(x[start : start + chunk_size], g.shape[-2:]).to(self.dtype))
             g = g.flatten(2)
             _add_outer_products(self.gg, g)
@@ -121,15 +121,6 @@ class _LayerSums:
         if isinstance(self.layer, nn.Conv2d):
             return g
         return g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2).unsqueeze(3)
-
-    def _check_positions(self, g: Tensor) -> None:
-        positions = g.shape[2] * g.shape[3]
-        if self.positions not in (None, positions):
-            raise NapkitError(
-                f"inconsistent output positions for {type(self.layer).__name__}: this batch gives {positions}, "
-                f"earlier batches gave {self.positions}; inputs must have one size"
-            )
-        self.positions = positions
 
     def _add_inputs(self, a: Tensor) -> None:
         """Add ``[b, d_in, T]`` inputs to the sums of ``a a^T`` (dense or per-block) and of ``a``."""

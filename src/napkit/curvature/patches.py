@@ -1,11 +1,13 @@
-"""The rows of a layer's K-FAC factor A: unfolded conv input patches, and the bias coordinate (shared by plain
-and grouped convs)."""
+"""The rows of a layer's K-FAC factor A: unfolded conv input patches, the bias coordinate, and the one output
+size every batch must share (for plain and grouped layers alike)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from napkit.errors import NapkitError
 
 
 def conv_patches(layer: nn.Conv2d, x: Tensor, lattice: int = 1) -> Tensor:
@@ -36,3 +38,14 @@ def with_bias_coordinate(a: Tensor, mean: Tensor) -> Tensor:
     one = torch.ones(1, 1, dtype=a.dtype, device=a.device)
     col = mean.unsqueeze(1)
     return torch.cat([torch.cat([a, col], 1), torch.cat([col.T, one], 1)], 0)
+
+
+def same_positions(previous: int | None, positions: int, layer: nn.Module) -> int:
+    """``positions`` (output positions of this batch), checked against the earlier batches' ``previous``:
+    factors averaged over positions need every input to have one size."""
+    if previous not in (None, positions):
+        raise NapkitError(
+            f"inconsistent output positions for {type(layer).__name__}: this batch gives {positions}, "
+            f"earlier batches gave {previous}; inputs must have one size"
+        )
+    return positions

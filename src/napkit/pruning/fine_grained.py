@@ -37,6 +37,16 @@ def target_sparsity(target_sparsity: float | None, target_compression: float | N
     return target_sparsity
 
 
+def kept_at(target: float, total: int) -> int:
+    """How many of ``total`` weights survive at sparsity ``target``: ``ceil((1 - target) * total)``."""
+    return math.ceil((1.0 - target) * total)
+
+
+def sparsity_reached(kept: int, total: int, target: float) -> bool:
+    """Whether ``kept`` of ``total`` weights meets sparsity ``target`` (the rounding of :func:`kept_at`)."""
+    return kept <= kept_at(target, total)
+
+
 class FineGrainedPruner:
     """Prunes ``step_fraction`` of the remaining weights per call, never past the target.
 
@@ -79,7 +89,7 @@ class FineGrainedPruner:
         kept, total = masks.counts()
         amount = round(self.step_fraction * kept)
         if self.target is not None:
-            amount = min(amount, kept - math.ceil((1.0 - self.target) * total))
+            amount = min(amount, kept - kept_at(self.target, total))
         return max(amount, 0)
 
     def check_reachable(self, masks: MaskSet) -> None:
@@ -90,7 +100,7 @@ class FineGrainedPruner:
         _, total = masks.counts()
         least = sum(max(m.numel() - math.floor(self.max_layer_sparsity * m.numel()), m.shape[0] if m.dim() else 1)
                     for m in masks.masks.values())
-        if least > math.ceil((1.0 - self.target) * total):
+        if least > kept_at(self.target, total):
             raise NapkitError(
                 f"target sparsity {self.target:.4g} cannot be reached: with max_layer_sparsity="
                 f"{self.max_layer_sparsity} and one weight kept per output unit, at most {1 - least / total:.4g} "
@@ -101,8 +111,7 @@ class FineGrainedPruner:
         """Whether no weight is left to prune for the target (the same rounding as :meth:`amount`)."""
         if self.target is None or masks is None:
             return False
-        kept, total = masks.counts()
-        return kept <= math.ceil((1.0 - self.target) * total)
+        return sparsity_reached(*masks.counts(), self.target)
 
     @staticmethod
     def measure(model: nn.Module, masks: MaskSet | None) -> dict[str, float]:
@@ -120,16 +129,18 @@ class FineGrainedPruner:
         new = prune_lowest(scores, masks, self.amount(masks), allocation=self.allocation,
                            max_layer_sparsity=self.max_layer_sparsity)
         self.last_predicted, self.last_methods = {}, {}
+        covered = bool(factors)  # the step's prediction is whole only if every layer it changed had factors
         for name in new.masks:
             newly = masks.masks[name] & ~new.masks[name]
-            if name not in factors or not bool(newly.any()):
+            if not bool(newly.any()):
+                continue
+            if name not in factors:
+                covered = False
                 continue
             done = obs_compensate_(layers[name], factors[name].to(torch.float64), newly,
                                    kept=masks.masks[name], method=self.compensation, damping=self.damping,
                                    max_exact=self.max_exact)
             self.last_predicted[name], self.last_methods[name] = done.predicted, done.method
-        changed = [n for n in new.masks if bool((masks.masks[n] & ~new.masks[n]).any())]
-        covered = bool(factors) and all(n in factors for n in changed)
         self.last_predicted_increase = sum(self.last_predicted.values()) if covered else math.nan
         new.apply_(model)
         return model, new

@@ -33,13 +33,13 @@ from torch.utils.data import Dataset
 from napkit.curvature import KFACFactors
 from napkit.data import make_loader
 from napkit.errors import NapkitError, unknown_choice
-from napkit.pruning.fine_grained import FineGrainedPruner, target_sparsity
+from napkit.pruning.fine_grained import FineGrainedPruner, sparsity_reached, target_sparsity
 from napkit.pruning.importance import Importance, create_importance
 from napkit.pruning.loop import IterationRecord, IterativePruner, LoopResult
 from napkit.pruning.masks import MaskSet
 from napkit.structured import ChannelImportance, channel_importance_class
 from napkit.structured.latency import LatencyTable
-from napkit.structured.pruner import StructuredPruner
+from napkit.structured.pruner import StructuredPruner, reduction_reached
 from napkit.structured.surgery import channel_counts, recalibrate_bn, slim_to
 from napkit.training.engine import evaluate
 from napkit.training.trainer import fit
@@ -150,13 +150,13 @@ def run_pruning(model: nn.Module, data: PruneData, cfg: DictConfig, *, factors: 
         if not grid:
             return
         pruner = pruner_of()
-        if mode == "structured":  # reached as the pruner judges it: within float error of the point
+        if mode == "structured":  # reached as the pruner judges it
             have = pruner.measure(m.cpu())["flops_reduction"]
-            pruner.target = ("flops", _next_point(grid, lambda g: have >= g * (1 - 1e-12)))
-        else:  # reached as the pruner counts it: kept <= ceil((1 - target) * total), the same rounding
+            pruner.target = ("flops", _next_point(grid, lambda g: reduction_reached(have, g)))
+        else:  # reached as the pruner counts it
             assert mk is not None
             kept, total = mk.counts()
-            pruner.target = 1.0 - 1.0 / _next_point(grid, lambda g: kept <= math.ceil((1.0 - (1.0 - 1.0 / g)) * total))
+            pruner.target = 1.0 - 1.0 / _next_point(grid, lambda g: sparsity_reached(kept, total, 1.0 - 1.0 / g))
 
     def grid_step(m: nn.Module, mk: MaskSet | None, it: int) -> tuple[nn.Module, MaskSet | None]:
         set_grid_target(m, mk)
@@ -228,8 +228,7 @@ def fine_grained_parts(p: DictConfig, seed: int, model: nn.Module,
 
     def reached(m: nn.Module, mk: MaskSet | None) -> bool:
         assert mk is not None
-        kept, total = mk.counts()
-        return final is not None and kept <= math.ceil((1.0 - final) * total)
+        return final is not None and sparsity_reached(*mk.counts(), final)
 
     parts = {"step": pruner, "measure": pruner.measure, "reached": reached,
              "density": lambda m, mk: {} if mk is None else mk.layer_density()}
@@ -259,7 +258,7 @@ def structured_parts(cfg: DictConfig, dense: nn.Module, input_shape: tuple[int, 
         if final is None:
             return False
         kind, value = final
-        return pruner.measure(m.cpu())[f"{kind}_reduction"] >= value * (1 - 1e-12)
+        return reduction_reached(pruner.measure(m.cpu())[f"{kind}_reduction"], value)
 
     def measure(m: nn.Module, mk: MaskSet | None) -> dict[str, float]:
         cpu = m.cpu()

@@ -377,7 +377,8 @@ def trace_groups(model: nn.Module, ignore: Sequence[str] = ()) -> Tracing:
 
     ``ignore`` lists module-name prefixes the user wants untouched: every group with a member under
     one of them is left unpruned. Grouped convs are pruned through group-evenly (NAP scores them with
-    per-group K-FAC factors, :mod:`napkit.curvature.grouped`). Raises NapkitError when the model cannot be traced or its shapes disagree.
+    per-group K-FAC factors, :mod:`napkit.curvature.grouped`). Raises NapkitError when the model cannot be
+    traced or its shapes disagree.
     """
     try:
         graph = _LeafTracer().trace(model)

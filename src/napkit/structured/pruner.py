@@ -265,7 +265,7 @@ class StructuredPruner:
         room = self._rounded(room, torch.tensor([g.size for g in groups]), _folds(groups))
         best = self._reductions(*CostModel(dense, groups, flops).cost(room))
         kind, value = self.target
-        if best[kind] < value * (1 - 1e-12):
+        if not reduction_reached(best[kind], value):
             raise NapkitError(
                 f"target {kind} reduction {value}x cannot be reached: with min_channels={self.min_channels}, "
                 f"max_group_sparsity={self.max_group_sparsity} and round_to={self.round_to} the smallest model has "
@@ -296,7 +296,7 @@ class StructuredPruner:
         if self.target is None:
             return False
         kind, value = self.target
-        return self.measure(model)[f"{kind}_reduction"] >= value * (1 - 1e-12)
+        return reduction_reached(self.measure(model)[f"{kind}_reduction"], value)
 
     def __call__(self, model: nn.Module, iteration: int) -> nn.Module:
         """A new, smaller model; ``model`` itself when it already meets the target."""
@@ -375,7 +375,7 @@ class StructuredPruner:
 
         def reached(k: int) -> bool:
             removed = self._rounded(torch.bincount(group_of[:k], minlength=cost.num_groups), sizes, folds)
-            return self._reductions(*cost.cost(removed))[kind] >= value * (1 - 1e-12)
+            return reduction_reached(self._reductions(*cost.cost(removed))[kind], value)
 
         if not reached(n):
             return n
@@ -384,6 +384,11 @@ class StructuredPruner:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if reached(mid) else (mid + 1, hi)
         return hi
+
+
+def reduction_reached(have: float, target: float) -> bool:
+    """Whether a FLOPs / parameter reduction ``have`` meets ``target``, within float error."""
+    return have >= target * (1 - 1e-12)
 
 
 @torch.no_grad()

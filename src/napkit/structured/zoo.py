@@ -2,8 +2,8 @@
 
 For each builder name (``torchvision.models.list_models(module=torchvision.models)``, 80 of them),
 build the model with random weights at a small input, prune it in one uniform (or global) L1 (or NAP,
-``--criterion nap``) step to ``target``x fewer FLOPs with :class:`~napkit.structured.pruner.StructuredPruner`, run the pruned model
-and measure the FLOPs it reached. ``python -m napkit.structured.zoo [--models ...]`` prints one row
+``--criterion nap``) step to ``target``x fewer FLOPs with :class:`~napkit.structured.pruner.StructuredPruner`,
+run the pruned model and measure the FLOPs it reached. ``python -m napkit.structured.zoo [--models ...]`` prints one row
 per model and, last, ``zoo_ok=<n>/<m>``; ``--timm resnet18,efficientnet_b0`` checks those timm models
 instead (random weights, built through napkit's ``model=timm`` path; timm is an optional extra). When
 Torch-Pruning (``torch_pruning``) is installed, each row also shows the FLOPs reduction its L1
@@ -100,10 +100,10 @@ def curvature_on_noise(model: nn.Module, size: int, samples: int = 8) -> Factors
 
     The empirical Fisher with random labels: a random model's softmax can be saturated (Inception v3), and
     labels drawn from it would make every gradient vanish. Zero-initialised layers are re-drawn first for
-    the same reason: a Linear head (ViT) gets small random weights, a residual branch's last BatchNorm (timm's
-    ResNets and RegNets) scale 1; and BatchNorm statistics are estimated on the noise, else activations grow
-    with depth until an SE block's sigmoid saturates (EfficientNet-B4 to B7). Layers that never run as modules get no factors (their warning is
-    silenced: the table counts them).
+    the same reason: a Linear head (ViT) gets small random weights, a residual branch's last BatchNorm
+    (timm's ResNets and RegNets) scale 1; and BatchNorm statistics are estimated on the noise, else
+    activations grow with depth until an SE block's sigmoid saturates (EfficientNet-B4 to B7). Layers
+    that never run as modules get no factors (their warning is silenced: the table counts them).
     """
     for m in model.modules():
         if isinstance(m, nn.Linear) and not m.weight.any():
