@@ -70,10 +70,10 @@ def masked(model: nn.Module, groups: list[ChannelGroup], plan: dict[str, torch.T
         gone = torch.ones(g.size, dtype=torch.bool)
         gone[plan[g.id]] = False
         for name in g.producers + g.depthwise + g.norms:
-            m = out.get_submodule(name)
+            m, at = out.get_submodule(name), g.offset(name)  # a norm over a concatenation: the group's window
             for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
                 if p is not None:
-                    p.data[gone] = 0.0
+                    p.data[at: at + g.size][gone] = 0.0
     return out
 
 

@@ -36,7 +36,8 @@ FAMILIES = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"
 
 
 def tiny(name: str) -> nn.Module:
-    """Small instances of each coupling: SE + depthwise, LayerNorm-coupled MLPs, attention, shuffle."""
+    """Small instances of each coupling: SE + depthwise, LayerNorm-coupled MLPs, attention, shuffle,
+    concatenations."""
     torch.manual_seed(0)
     if name == "convnext":
         return ConvNeXt([CNBlockConfig(8, 16, 2), CNBlockConfig(16, None, 1)], num_classes=5)
@@ -49,6 +50,10 @@ def tiny(name: str) -> nn.Module:
         return tvm.ResNet(tvm.resnet.Bottleneck, [1, 1, 1, 1], num_classes=5, groups=4, width_per_group=4)
     if name == "mobilenet_v3_small":
         return tvm.mobilenet_v3_small(width_mult=0.25, num_classes=5)
+    if name == "densenet":  # 8 stem channels, each dense layer concatenates 4 more
+        return tvm.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=5)
+    if name == "googlenet":
+        return tvm.googlenet(num_classes=5, aux_logits=False, init_weights=False)
     if name == "efficientnet":
         setting = [MBConvConfig(1, 3, 1, 16, 8, 1), MBConvConfig(6, 5, 2, 8, 16, 2)]
         return EfficientNet(setting, dropout=0.2, stochastic_depth_prob=0.2, num_classes=5)
@@ -56,7 +61,7 @@ def tiny(name: str) -> nn.Module:
 
 
 TINY = ["mobilenet_v3_small", "efficientnet", "convnext", "vit", "swin", "shufflenet_v2_x0_5",
-        "regnet_y_400mf", "mnasnet0_5", "resnext", "regnet_x_400mf"]
+        "regnet_y_400mf", "mnasnet0_5", "resnext", "regnet_x_400mf", "densenet", "googlenet", "squeezenet1_1"]
 
 
 def randomize(model: nn.Module, gen: torch.Generator) -> None:
@@ -111,12 +116,12 @@ def test_couplings_land_in_the_right_groups() -> None:
     assert vit["encoder.layers.encoder_layer_0.mlp.0"].consumers[0].block == 1
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext"])
-def test_cost_model_counts_depthwise_and_grouped_convs_exactly(name: str) -> None:
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext", "densenet"])
+def test_cost_model_counts_depthwise_grouped_and_concatenating_layers_exactly(name: str) -> None:
     model = tiny(name)
     shape = (1, 3, 32, 32)
     groups = trace_groups(model).groups
-    assert any(g.depthwise for g in groups) or any(g.fold > 1 for g in groups)
+    assert any(g.depthwise or g.fold > 1 or g.spans for g in groups)
     plan = random_plan(groups, torch.Generator().manual_seed(2))
     pruned = apply(model, plan, groups=groups)
     removed = torch.tensor([g.size - len(plan[g.id]) for g in groups])
@@ -124,8 +129,8 @@ def test_cost_model_counts_depthwise_and_grouped_convs_exactly(name: str) -> Non
     assert cost == (count_params(pruned), count_flops(pruned, shape)[0])
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext"])
-def test_rebuild_depthwise_and_grouped_models_from_counts(name: str) -> None:
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext", "densenet"])
+def test_rebuild_depthwise_grouped_and_concatenating_models_from_counts(name: str) -> None:
     gen = torch.Generator().manual_seed(3)
     model = tiny(name).eval()
     pruned = apply(model, random_plan(trace_groups(model).groups, gen))
@@ -133,6 +138,22 @@ def test_rebuild_depthwise_and_grouped_models_from_counts(name: str) -> None:
     rebuilt.load_state_dict(pruned.state_dict())
     x = torch.randn(2, 3, 32, 32, generator=gen)
     assert torch.equal(forward(rebuilt, x), forward(pruned, x))
+
+
+def test_concatenation_parts_are_groups_at_their_offsets() -> None:
+    tracing = trace_groups(tiny("densenet"))
+    assert list(tracing.unpruned) == ["classifier"]  # only the logits
+    groups = {g.id: g for g in tracing.groups}
+    new = groups["features.denseblock1.denselayer1.conv2"]  # 4 channels after the stem's 8, read by all after it
+    assert [c.name for c in new.consumers] == ["features.denseblock1.denselayer2.conv1", "features.transition1.conv"]
+    assert new.norms == ("features.denseblock1.denselayer2.norm1", "features.transition1.norm")
+    assert [(new.offset(n), new.width(n)) for n in new.norms] == [(8, 12), (8, 16)]
+    assert groups["features.conv0"].offset("features.transition1.conv") == 0
+    assert groups["features.denseblock2.denselayer2.conv2"].consumers[-1].name == "classifier"
+    plan = {"features.denseblock1.denselayer1.conv2": torch.tensor([1, 3]), "features.conv0": torch.arange(6)}
+    pruned = apply(tiny("densenet"), plan)
+    assert pruned.features.transition1.conv.in_channels == 16 - 2 - 2
+    assert pruned.features.denseblock1.denselayer2.norm1.num_features == 12 - 2 - 2
 
 
 def test_unsupported_coupling_is_one_warning_naming_the_layers() -> None:

@@ -10,7 +10,9 @@ permutes) keep their input's space; a depthwise conv
 (``groups == in == out channels``) keeps it too, its filters removed with their channels; the sum or
 product of two tensors merges their spaces, which couples ResNet's residual stream and a
 squeeze-and-excitation block's scale with the channels it scales (the SE's hidden units are a group
-of their own). A grouped conv (``groups = g``) is a producer and a consumer too, but its channel
+of their own). A concatenation along channels (DenseNet, GoogLeNet, Inception, SqueezeNet) keeps each
+input's space as one *part* at its channel offset: a layer or BatchNorm reading the concatenation
+reads every part's channels as a window of its own inputs, so each part stays a group of its own. A grouped conv (``groups = g``) is a producer and a consumer too, but its channel
 groups must stay equal: both its spaces get ``fold = g`` (the lcm over such convs), and a channel
 goes only together with the channels at the same position in every one of the g blocks (torchvision's
 ResNeXt and RegNet). Every Conv2d/Linear that reads a space is a consumer of its channels, in blocks of
@@ -19,7 +21,7 @@ after a flatten of ``C x H x W`` features, 1 for a Linear reading its last dim (
 ViT, Swin, ConvNeXt).
 
 Spaces touched by anything else are frozen: never pruned. The network input and the logits are
-frozen by nature; the rest (LayerNorm over channels, concatenation, channel shuffle, attention,
+frozen by nature; the rest (LayerNorm over channels, channel shuffle, attention,
 shared layers, layers the user ignores) are reported by :func:`trace_groups` and
 named in one warning by :func:`warn_unpruned`, while every other group of the model stays prunable.
 """
@@ -30,7 +32,7 @@ import math
 import operator
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx, nn
@@ -49,6 +51,7 @@ _ELEMENTWISE_FUNCTIONS = {torch.relu, _F.relu, _F.relu6, torch.sigmoid, _F.sigmo
                           _F.silu, _F.hardswish, _F.hardsigmoid, _F.dropout, stochastic_depth}
 _POOL_FUNCTIONS = {_F.adaptive_avg_pool2d, _F.adaptive_max_pool2d, _F.avg_pool2d, _F.max_pool2d}
 _ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
+_CONCATENATIONS = {torch.cat, torch.concat, torch.concatenate}
 _BINARY = {operator.add, operator.iadd, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
 _QUERIES = {"size", "dim"}  # methods returning shapes (``x.shape`` traces as getattr)
 
@@ -80,7 +83,9 @@ class ChannelGroup:
     ``depthwise`` convs carry each channel through its own filter: they lose the group's channels as
     whole filters (rows), like a BatchNorm, and have no curvature terms of their own. ``fold = g > 1``
     (a grouped conv among the members) splits the channels into g equal blocks: channel ``j * size/g
-    + p`` is removed together with the channels at position p of every other block.
+    + p`` is removed together with the channels at position p of every other block. ``spans`` lists the
+    norms and consumers that read a concatenation, ``(name, offset, width)``: the group's channels are
+    their channels ``offset .. offset + size - 1`` of ``width``.
     """
 
     id: str
@@ -90,10 +95,19 @@ class ChannelGroup:
     consumers: tuple[Consumer, ...]
     depthwise: tuple[str, ...] = ()
     fold: int = 1
+    spans: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def coupled(self) -> bool:
         return len(self.producers) > 1
+
+    def offset(self, member: str) -> int:
+        """Where the group's channels start among a norm's or consumer's channels (0 but in a concatenation)."""
+        return next((offset for name, offset, _ in self.spans if name == member), 0)
+
+    def width(self, member: str) -> int:
+        """Channels of a norm or consumer that reads the group: the group's size, or a concatenation's."""
+        return next((width for name, _, width in self.spans if name == member), self.size)
 
 
 @dataclass(frozen=True)
@@ -112,21 +126,25 @@ class _Space:
     frozen: set[str] = field(default_factory=set)  # reasons; empty: prunable
     producers: list[str] = field(default_factory=list)
     depthwise: list[str] = field(default_factory=list)
-    norms: list[str] = field(default_factory=list)
-    readers: list[tuple[str, str]] = field(default_factory=list)  # (consumer name, input layout)
+    norms: list[tuple[str, int, int]] = field(default_factory=list)  # (name, offset, width)
+    readers: list[tuple[str, str, int, int]] = field(default_factory=list)  # (name, input layout, offset, width)
     fold: int = 1
 
     def members(self) -> Iterator[str]:
         yield from self.producers
         yield from self.depthwise
-        yield from self.norms
-        yield from (name for name, _ in self.readers)
+        yield from (name for name, _, _ in self.norms)
+        yield from (name for name, *_ in self.readers)
 
 
 @dataclass(frozen=True)
 class _Value:
+    """A traced tensor: one channel space, or a concatenation of ``parts`` ``(space, channels)`` along
+    channels (``space`` is then -1: every use goes through the parts)."""
+
     space: int
     layout: str
+    parts: tuple[tuple[int, int], ...] = ()
 
 
 class _Tracer:
@@ -152,7 +170,24 @@ class _Tracer:
         return i
 
     def space(self, value: _Value) -> _Space:
+        assert not value.parts, "a concatenation has no single space; use windows()"
         return self.spaces[self.root(value.space)]
+
+    def windows(self, value: _Value) -> Iterator[tuple[_Space, int, int]]:
+        """``(space, offset, width)`` of each part of ``value``: a plain value is one part, width 0 (all of it)."""
+        if not value.parts:
+            yield self.space(value), 0, 0
+            return
+        width = sum(channels for _, channels in value.parts)
+        offset = 0
+        for part, channels in value.parts:
+            yield self.spaces[self.root(part)], offset, width
+            offset += channels
+
+    def size(self, value: _Value) -> int | None:
+        """Channels of a plain value: its space's first producer's rows; None without one (input, unknown op)."""
+        producers = self.space(value).producers
+        return rows(self.modules[producers[0]]) if producers else None  # type: ignore[arg-type]
 
     def union(self, a: _Value, b: _Value) -> None:
         ra, rb = self.root(a.space), self.root(b.space)
@@ -169,7 +204,8 @@ class _Tracer:
 
     def freeze(self, reason: str, *values: _Value) -> None:
         for v in values:
-            self.space(v).frozen.add(reason)
+            for space, _, _ in self.windows(v):
+                space.frozen.add(reason)
 
     def inputs(self, node: fx.Node) -> list[_Value]:
         """Values of every tensor the node reads (positional and keyword, nested)."""
@@ -219,6 +255,8 @@ class _Tracer:
             return self.flattened(args[0], name)
         if self._once(name, module) and len(args) == 1:
             x = args[0]
+            if x.parts and (is_depthwise(module) or is_grouped(module)):
+                return self.unknown(args, f"{type(module).__name__} {name} reading a concatenation")
             if is_depthwise(module):
                 if x.layout != SPATIAL:
                     return self.unknown(args, f"{type(module).__name__} {name}")
@@ -237,14 +275,17 @@ class _Tracer:
                 self.read(x, name, FLAT, VECTOR, LAST)
                 return self.new(VECTOR if x.layout in (FLAT, VECTOR) else LAST, producer=name)
             if _norm_fits(module, x.layout):
-                self.space(x).norms.append(name)
+                for space, offset, width in self.windows(x):
+                    space.norms.append((name, offset, width))
                 return x
         return self.unknown(args, f"{type(module).__name__} {name}")
 
     def read(self, x: _Value, name: str, *layouts: str) -> None:
-        """Layer ``name`` reads ``x``: a consumer of its channels in a layout it understands, else frozen."""
+        """Layer ``name`` reads ``x``: a consumer of its channels (of each part's, at its offset) in a layout
+        it understands, else frozen."""
         if x.layout in layouts:
-            self.space(x).readers.append((name, x.layout))
+            for space, offset, width in self.windows(x):
+                space.readers.append((name, x.layout, offset, width))
         else:
             self.freeze(f"{name} reading a {x.layout} layout", x)
 
@@ -271,30 +312,56 @@ class _Tracer:
             return self.binary(args, _describe(node))
         if (target is torch.permute or target == "permute") and len(args) == 1:
             layout = _PERMUTED.get((args[0].layout, _dims(node)))
-            if layout is not None:  # NCHW <-> NHWC: the channels move to / from the last dim
-                return _Value(args[0].space, layout)
+            if layout is not None and not args[0].parts:  # NCHW <-> NHWC: the channels move to / from the last dim
+                return replace(args[0], layout=layout)
         if (target is torch.mean or target == "mean") and len(args) == 1 and args[0].layout == SPATIAL:
             keep = _spatial_mean(node)
             if keep is not None:  # global average pooling written as a mean over H and W
-                return _Value(args[0].space, SPATIAL if keep else VECTOR)
+                return replace(args[0], layout=SPATIAL if keep else VECTOR)
         if (target is torch.flatten or target == "flatten") and _flattens_channels(node) and len(args) == 1:
             return self.flattened(args[0], node.name)
+        if target in _CONCATENATIONS:
+            return self.concatenated(node, args)
         return self.unknown(args, _describe(node))
 
     def flattened(self, value: _Value, name: str) -> _Value:
         """``flatten(x, 1)``: a feature map's channels become column blocks, a vector stays a vector."""
         if value.layout in (SPATIAL, VECTOR):
-            return _Value(value.space, FLAT if value.layout == SPATIAL else VECTOR)
+            return replace(value, layout=FLAT if value.layout == SPATIAL else VECTOR)
         return self.unknown([value], f"flatten {name} of a {value.layout} layout")
 
     def binary(self, args: list[_Value], name: str) -> _Value:
-        """Elementwise op: a tensor with a scalar keeps its space; two tensors share one space."""
+        """Elementwise op: a tensor with a scalar keeps its space; two tensors share one space (two
+        concatenations of equal parts: part by part)."""
         if len(args) == 1:
             return args[0]
         if len(args) == 2 and args[0].layout == args[1].layout and args[0].layout != OTHER:
-            self.union(args[0], args[1])
-            return args[0]
+            a, b = args
+            if not a.parts and not b.parts:
+                self.union(a, b)
+                return a
+            if a.parts and [c for _, c in a.parts] == [c for _, c in b.parts]:
+                for (pa, _), (pb, _) in zip(a.parts, b.parts):
+                    self.union(_Value(pa, a.layout), _Value(pb, b.layout))
+                return a
         return self.unknown(args, name)
+
+    def concatenated(self, node: fx.Node, args: list[_Value]) -> _Value:
+        """``torch.cat(xs, 1)`` of feature maps or vectors whose channel counts are known: one part per
+        input space, in order (a concatenation in the list contributes its own parts)."""
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        layouts = {a.layout for a in args}
+        if (dim != 1 or layouts - {SPATIAL, VECTOR} or len(layouts) != 1
+                or not isinstance(tensors, (list, tuple)) or len(tensors) != len(args)):
+            return self.unknown(args, _describe(node))
+        parts: list[tuple[int, int]] = []
+        for a in args:
+            size = None if a.parts else self.size(a)
+            if not a.parts and size is None:
+                return self.unknown(args, f"{_describe(node)} of channels of unknown count")
+            parts += a.parts or [(a.space, size)]  # type: ignore[list-item]
+        return _Value(-1, layouts.pop(), tuple(parts))
 
     def unknown(self, args: list[_Value], what: str) -> _Value:
         """An op napkit cannot see through: freeze its inputs, its output is frozen too."""
@@ -438,19 +505,23 @@ def _group(model: nn.Module, space: _Space, order: dict[str, int]) -> ChannelGro
     size = sizes[producers[0]]
     if len(set(sizes.values())) != 1:
         raise NapkitError(f"coupled layers disagree on their channel count: {sizes}")
-    for n in space.norms:
+    spans = tuple((name, offset, width) for name, *_, offset, width in space.norms + space.readers if width)
+    read = [name for name, *_ in space.norms + space.readers]
+    if len(set(read)) != len(read):
+        raise NapkitError(f"layers {sorted({n for n in read if read.count(n) > 1})} read these channels twice")
+    for n, offset, width in space.norms:
         features = model.get_submodule(n).num_features
-        if features != size:
-            raise NapkitError(f"BatchNorm {n!r} has {features} features, expected {size}")
-    consumers = tuple(_consumer(model, name, layout, size) for name, layout in sorted(
+        if features != (width or size) or offset + size > features:
+            raise NapkitError(f"BatchNorm {n!r} has {features} features, expected {width or size}")
+    consumers = tuple(_consumer(model, name, layout, width or size) for name, layout, _, width in sorted(
         space.readers, key=lambda r: order[r[0]]))
-    norms = tuple(sorted(space.norms, key=order.__getitem__))
+    norms = tuple(sorted((name for name, _, _ in space.norms), key=order.__getitem__))
     depthwise = tuple(sorted(space.depthwise, key=order.__getitem__))
-    return ChannelGroup(producers[0], size, tuple(producers), norms, consumers, depthwise, space.fold)
+    return ChannelGroup(producers[0], size, tuple(producers), norms, consumers, depthwise, space.fold, spans)
 
 
-def _consumer(model: nn.Module, name: str, layout: str, size: int) -> Consumer:
-    """A consumer and its column block per channel."""
+def _consumer(model: nn.Module, name: str, layout: str, channels: int) -> Consumer:
+    """A consumer reading ``channels`` input channels, and its column block per channel."""
     layer = model.get_submodule(name)
     d_in = layer.weight[0].numel()
     if isinstance(layer, nn.Conv2d):
@@ -459,9 +530,9 @@ def _consumer(model: nn.Module, name: str, layout: str, size: int) -> Consumer:
     elif layout in (VECTOR, LAST):
         block = 1
     else:
-        block = d_in // size
-    if block * size != d_in:
-        raise NapkitError(f"layer {name!r} has {d_in} inputs, not a multiple of the {size} channels it reads")
+        block = d_in // channels
+    if block * channels != d_in:
+        raise NapkitError(f"layer {name!r} has {d_in} inputs, not a multiple of the {channels} channels it reads")
     return Consumer(name, block)
 
 

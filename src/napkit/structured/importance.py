@@ -118,7 +118,8 @@ class BnGamma(ChannelImportance):
     def _group(model: nn.Module, group: ChannelGroup) -> Tensor:
         if not group.norms:
             return torch.full((group.size,), math.inf, dtype=torch.float64)
-        gammas = [model.get_submodule(n).weight.detach().abs().double() for n in group.norms]
+        gammas = [model.get_submodule(n).weight.detach().abs().double()[group.offset(n): group.offset(n) + group.size]
+                  for n in group.norms]
         return torch.stack(gammas).sum(0)
 
 
@@ -146,7 +147,8 @@ class NapChannels(ChannelImportance):
     ablation only: it double-counts. A channel that was zero on every sample (dead ReLU) scores 0 at
     its consumers. ``per_flop`` divides by the FLOPs the removal saves (FLOPs targets).
 
-    A grouped-conv consumer is scored per conv group, on that group's factors (its channels' columns live
+    A consumer of a concatenation is scored once over all its input channels; each group takes its
+    window. A grouped-conv consumer is scored per conv group, on that group's factors (its channels' columns live
     in their group's weight block only). Depthwise filters add no term, for the same reason the producer
     rows add none: they only carry the channel to its consumers, whose column terms already price the
     channel's removal. A group with a consumer that has no factors (it never ran as a module) scores +inf.
@@ -166,8 +168,14 @@ class NapChannels(ChannelImportance):
         if self.per_flop and layer_flops is None:
             raise NapkitError(f"{self.name} with per_flop needs the model's per-layer FLOPs")
         scores: Scores = {}
+        per_consumer: dict[str, Tensor | None] = {}  # a concatenation's consumer serves several groups
         for g in groups:
-            terms = [self._consumer_terms(model, c, factors, inputs.compensated) for c in g.consumers]
+            terms = []
+            for c in g.consumers:
+                if c.name not in per_consumer:
+                    per_consumer[c.name] = self._consumer_terms(model, c, factors, inputs.compensated)
+                t = per_consumer[c.name]
+                terms.append(None if t is None else t[g.offset(c.name): g.offset(c.name) + g.size])
             if self.producer_rows:
                 terms += [row_terms(model, p, self._damped(p, weight_with_bias(model.get_submodule(p)), factors))
                           for p in g.producers]

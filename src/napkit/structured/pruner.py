@@ -31,6 +31,7 @@ from napkit.structured.consumers import consumer_blocks
 from napkit.structured.flops import module_flops
 from napkit.structured.groups import (
     ChannelGroup,
+    Consumer,
     channel_groups,
     find_group,
     in_channels,
@@ -60,7 +61,8 @@ class _Layers:
     """Per-layer terms of the cost model, as tensors (group index G = "no group")."""
 
     producer: Tensor  # group whose channels are the layer's rows
-    consumer: Tensor  # group whose channels are the layer's input channels
+    reads: Tensor  # (layer, group) pairs: the group's channels are some of the layer's input channels
+    read_group: Tensor
     rows: Tensor
     channels: Tensor  # input channels (units of ``block`` columns)
     block: Tensor
@@ -73,30 +75,34 @@ class CostModel:
     """Exact params and FLOPs of ``model`` after removing ``removed[g]`` channels from each group.
 
     Emptying a bottleneck's conv1 or conv2 group removes the block's branch (conv1-3, bn1-3) and adds
-    its per-channel shift, as :func:`~napkit.structured.surgery.apply` does.
+    its per-channel shift, as :func:`~napkit.structured.surgery.apply` does. A layer or BatchNorm that
+    reads a concatenation loses the channels of every group it reads.
     """
 
     def __init__(
         self, model: nn.Module, groups: list[ChannelGroup], flops: tuple[int, dict[str, int]]
     ) -> None:
         self.num_groups = len(groups)
-        members: dict[str, list[int]] = {}
+        producer: dict[str, int] = {}
         block: dict[str, int] = {}
+        reads: list[tuple[str, int]] = []
         for i, g in enumerate(groups):
-            for p in g.producers:
-                members.setdefault(p, [len(groups), len(groups)])[0] = i
+            for p in g.producers + g.depthwise:  # a depthwise conv: rows of the group, one fixed input unit
+                producer[p] = i
             for c in g.consumers:
-                members.setdefault(c.name, [len(groups), len(groups)])[1] = i
+                reads.append((c.name, i))
                 block[c.name] = c.block
-            for d in g.depthwise:  # rows of the group, one fixed input unit: FLOPs linear in the channels
-                members.setdefault(d, [len(groups), len(groups)])[0] = i
-        self.layers = self._layers(model, members, block, flops[1])
-        norms = [(i, n, model.get_submodule(n)) for i, g in enumerate(groups) for n in g.norms]
-        self.norm_group = torch.tensor([i for i, _, _ in norms], dtype=torch.long)
-        self.norm_features = torch.tensor([m.num_features for _, _, m in norms], dtype=torch.long)
+        names = list(dict.fromkeys([*producer, *(n for n, _ in reads)]))
+        self.layers = self._layers(model, names, producer, reads, block, flops[1], len(groups))
+        norm_names = list(dict.fromkeys(n for g in groups for n in g.norms))
+        norms = [model.get_submodule(n) for n in norm_names]
+        index = {n: j for j, n in enumerate(norm_names)}
+        self.norm_reads = torch.tensor([index[n] for g in groups for n in g.norms], dtype=torch.long)
+        self.norm_read_group = torch.tensor([i for i, g in enumerate(groups) for _ in g.norms], dtype=torch.long)
+        self.norm_features = torch.tensor([m.num_features for m in norms], dtype=torch.long)
         self.norm_params = torch.tensor([sum(p.numel() for p in m.parameters(recurse=False)) // m.num_features
-                                         for _, _, m in norms], dtype=torch.long)
-        self._blocks(model, groups, list(members), [n for _, n, _ in norms])
+                                         for m in norms], dtype=torch.long)
+        self._blocks(model, groups, names, norm_names)
         zero = torch.zeros(self.num_groups + 1, dtype=torch.long)
         params0, flops0 = self._variable(zero)
         self.base_params = count_params(model) - params0
@@ -117,10 +123,11 @@ class CostModel:
 
     @staticmethod
     def _layers(
-        model: nn.Module, members: dict[str, list[int]], block: dict[str, int], per_layer: dict[str, int]
+        model: nn.Module, names: list[str], producer: dict[str, int], reads: list[tuple[str, int]],
+        block: dict[str, int], per_layer: dict[str, int], num_groups: int,
     ) -> _Layers:
-        names = list(members)
         layers = [model.get_submodule(n) for n in names]
+        index = {n: j for j, n in enumerate(names)}
         # a layer that consumes no group has all its columns as one fixed unit
         blocks = [block.get(n, layer.weight[0].numel()) for n, layer in zip(names, layers)]
 
@@ -130,8 +137,9 @@ class CostModel:
         r = longs([rows(layer) for layer in layers])
         c = longs([in_channels(layer, b) for layer, b in zip(layers, blocks)])
         return _Layers(
-            producer=longs([members[n][0] for n in names]),
-            consumer=longs([members[n][1] for n in names]),
+            producer=longs([producer.get(n, num_groups) for n in names]),
+            reads=longs([index[n] for n, _ in reads]),
+            read_group=longs([i for _, i in reads]),
             rows=r, channels=c, block=longs(blocks), fold=longs([getattr(layer, "groups", 1) for layer in layers]),
             bias=longs([int(layer.bias is not None) for layer in layers]),
             flops_unit=longs([per_layer[n] for n in names]) // (r * c),
@@ -143,10 +151,13 @@ class CostModel:
         dead = (removed[self.block_inner] >= self.sizes[self.block_inner]).any(1)
         alive = ~torch.cat([dead, torch.zeros(1, dtype=torch.bool)])
         r = lay.rows - removed[lay.producer]
-        c = lay.channels - removed[lay.consumer] // lay.fold
+        c = lay.channels - torch.zeros_like(lay.channels).index_add_(
+            0, lay.reads, removed[lay.read_group] // lay.fold[lay.reads])
+        features = self.norm_features - torch.zeros_like(self.norm_features).index_add_(
+            0, self.norm_reads, removed[self.norm_read_group])
         shifts = (dead * (self.block_width - removed[self.block_residual])).sum()
         params = (alive[self.layer_block] * r * (c * lay.block + lay.bias)).sum() + (
-            alive[self.norm_block] * self.norm_params * (self.norm_features - removed[self.norm_group])).sum() + shifts
+            alive[self.norm_block] * self.norm_params * features).sum() + shifts
         return int(params), int((alive[self.layer_block] * lay.flops_unit * r * c).sum())
 
     def cost(self, removed: Tensor) -> tuple[int, int]:
@@ -402,35 +413,49 @@ def compensate_consumers_(model: nn.Module, groups: list[ChannelGroup], plan: Ma
     zero and the kept columns and the bias absorb them. Physically cutting the channels afterwards
     (:func:`~napkit.structured.surgery.apply`) then changes no output. Returns the undamped K-FAC
     quadratic model's loss increase at the update, summed over the consumers; ``apply_update=False``
-    only predicts the cost of removing the channels without refitting (nothing is changed).
+    only predicts the cost of removing the channels without refitting (nothing is changed). A consumer
+    of a concatenation loses the channels of all its groups in one joint update.
     """
     predicted = 0.0
+    for consumer, gone in _removed_inputs(groups, plan).values():
+        layer = model.get_submodule(consumer.name)
+        d_in = layer.weight[0].numel()
+        for blk in consumer_blocks(model, consumer):
+            if blk.key not in factors:
+                raise NapkitError(f"no K-FAC factors for layer {blk.key!r}; estimate them on the current model")
+            undamped = factors[blk.key].to(torch.float64)
+            f = undamped.damped(damping)
+            w_h = blk.weight.to(f.G)
+            if (f.d_out, f.d_in_h) != tuple(w_h.shape):
+                raise NapkitError(f"K-FAC factors of {blk.key!r} are {f.d_out}x{f.d_in_h} but the layer "
+                                  f"is {w_h.shape[0]}x{w_h.shape[1]}; estimate them on the current model")
+            cols = torch.zeros(w_h.shape[1], dtype=torch.bool, device=w_h.device)
+            cols[:d_in] = gone[blk.channels].to(w_h.device).repeat_interleave(consumer.block)
+            if not bool(cols.any()):
+                continue
+            delta = column_removal_update(w_h, cols, f, compensate=apply_update)
+            predicted += quadratic_increase(delta, undamped)
+            if apply_update:
+                rows = layer.weight[blk.rows]
+                rows.add_(delta[:, :d_in].reshape(rows.shape).to(rows))
+                if layer.bias is not None:
+                    layer.bias[blk.rows].add_(delta[:, d_in].to(layer.bias))
+    return predicted
+
+
+def _removed_inputs(groups: list[ChannelGroup], plan: Mapping[str, Tensor]) -> dict[str, tuple[Consumer, Tensor]]:
+    """Every consumer of a group in ``plan`` and which of its input channels the plan removes."""
+    removed: dict[str, tuple[Consumer, Tensor]] = {}
     for gid, keep in plan.items():
         group = find_group(groups, gid)
         gone = torch.ones(group.size, dtype=torch.bool)
         gone[torch.as_tensor(keep, dtype=torch.long)] = False
         for consumer in group.consumers:
-            layer = model.get_submodule(consumer.name)
-            d_in = layer.weight[0].numel()
-            for blk in consumer_blocks(model, consumer):
-                if blk.key not in factors:
-                    raise NapkitError(f"no K-FAC factors for layer {blk.key!r}; estimate them on the current model")
-                undamped = factors[blk.key].to(torch.float64)
-                f = undamped.damped(damping)
-                w_h = blk.weight.to(f.G)
-                if (f.d_out, f.d_in_h) != tuple(w_h.shape):
-                    raise NapkitError(f"K-FAC factors of {blk.key!r} are {f.d_out}x{f.d_in_h} but the layer "
-                                      f"is {w_h.shape[0]}x{w_h.shape[1]}; estimate them on the current model")
-                cols = torch.zeros(w_h.shape[1], dtype=torch.bool, device=w_h.device)
-                cols[:d_in] = gone[blk.channels].to(w_h.device).repeat_interleave(consumer.block)
-                delta = column_removal_update(w_h, cols, f, compensate=apply_update)
-                predicted += quadratic_increase(delta, undamped)
-                if apply_update:
-                    rows = layer.weight[blk.rows]
-                    rows.add_(delta[:, :d_in].reshape(rows.shape).to(rows))
-                    if layer.bias is not None:
-                        layer.bias[blk.rows].add_(delta[:, d_in].to(layer.bias))
-    return predicted
+            _, mask = removed.setdefault(consumer.name, (consumer, torch.zeros(group.width(consumer.name),
+                                                                               dtype=torch.bool)))
+            offset = group.offset(consumer.name)
+            mask[offset: offset + group.size] |= gone
+    return removed
 
 
 def _criterion(importance: str | ChannelImportance, damping: float) -> ChannelImportance:

@@ -90,24 +90,51 @@ def _keep_index(keep: Tensor | Sequence[int], size: int, group_id: str, *, allow
     return idx
 
 
-def prune_channels(model: nn.Module, group: ChannelGroup, keep: Tensor | Sequence[int]) -> None:
-    """Keep only channels ``keep`` of ``group`` in ``model`` (in place), removing the rest everywhere."""
+def _checked_keep(model: nn.Module, group: ChannelGroup, keep: Tensor | Sequence[int]) -> Tensor:
+    """Validated keep indices of ``group``; a group through grouped convs keeps the same positions in
+    every one of its fold blocks."""
     size = rows(model.get_submodule(group.producers[0]))
     idx = _keep_index(keep, size, group.id)
-    if group.fold > 1:  # the same positions of every one of the fold blocks
+    if group.fold > 1:
         positions = idx[: len(idx) // group.fold]
         even = torch.arange(group.fold)[:, None] * (size // group.fold) + positions
         if len(idx) % group.fold or not torch.equal(even.reshape(-1), idx):
             raise NapkitError(f"group {group.id!r} runs through grouped convs: it must keep the same channels in "
                               f"each of its {group.fold} blocks of {size // group.fold}")
-    for name in group.producers:
-        _slice_rows(model.get_submodule(name), idx)
-    for name in group.norms:
-        _slice_norm(model.get_submodule(name), idx)
-    for name in group.depthwise:
-        _slice_depthwise(model.get_submodule(name), idx)
-    for c in group.consumers:
-        _slice_columns(model.get_submodule(c.name), idx, c.block)
+    return idx
+
+
+def _cut(model: nn.Module, chosen: Sequence[tuple[ChannelGroup, Tensor]]) -> None:
+    """Remove every chosen group's channels but ``keep`` at once (in place).
+
+    A BatchNorm or consumer reading a concatenation holds several groups' channels, each at its offset
+    (:attr:`ChannelGroup.spans`); it is cut once, after its keep mask has been marked by all of them, so
+    no offset moves under another group's cut.
+    """
+    marks: dict[str, tuple[Tensor, int]] = {}  # norm or consumer -> (keep mask over its channels, block)
+    for group, idx in chosen:
+        gone = torch.ones(group.size, dtype=torch.bool)
+        gone[idx] = False
+        for name in group.producers:
+            _slice_rows(model.get_submodule(name), idx)
+        for name in group.depthwise:
+            _slice_depthwise(model.get_submodule(name), idx)
+        members = [(n, 0) for n in group.norms] + [(c.name, c.block) for c in group.consumers]
+        for name, block in members:
+            mask, _ = marks.setdefault(name, (torch.ones(group.width(name), dtype=torch.bool), block))
+            offset = group.offset(name)
+            mask[offset: offset + group.size] &= ~gone
+    for name, (mask, block) in marks.items():
+        keep, module = torch.nonzero(mask).flatten(), model.get_submodule(name)
+        if block:
+            _slice_columns(module, keep, block)
+        else:
+            _slice_norm(module, keep)
+
+
+def prune_channels(model: nn.Module, group: ChannelGroup, keep: Tensor | Sequence[int]) -> None:
+    """Keep only channels ``keep`` of ``group`` in ``model`` (in place), removing the rest everywhere."""
+    _cut(model, [(group, _checked_keep(model, group, keep))])
 
 
 def apply(model: nn.Module, plan: Plan, *, groups: list[ChannelGroup] | None = None) -> nn.Module:
@@ -130,8 +157,7 @@ def apply(model: nn.Module, plan: Plan, *, groups: list[ChannelGroup] | None = N
         else:
             kept.append((group, keep))
     pruned = copy.deepcopy(model)
-    for group, keep in kept:
-        prune_channels(pruned, group, keep)
+    _cut(pruned, [(group, _checked_keep(pruned, group, keep)) for group, keep in kept])
     for block, emptied in skips.items():
         skip_block(pruned, block, emptied)
     return pruned
@@ -160,6 +186,7 @@ def slim_to(model: nn.Module, counts: Mapping[str, int]) -> nn.Module:
     extra = sorted(set(counts) - {p for g in groups for p in g.producers})
     if extra:
         raise NapkitError(f"channel counts do not describe this {type(model).__name__}: unknown layers {extra}")
+    chosen = []
     for g in groups:
         sizes = {counts.get(p, -1) for p in g.producers}  # -1: a coupled layer the description misses
         if len(sizes) != 1:
@@ -174,7 +201,8 @@ def slim_to(model: nn.Module, counts: Mapping[str, int]) -> nn.Module:
             if k % g.fold:
                 raise NapkitError(f"group {g.id!r} runs through grouped convs: {k} is not a multiple of {g.fold}")
             keep = torch.arange(g.fold)[:, None] * block + torch.arange(k // g.fold)
-            prune_channels(model, g, keep.reshape(-1))
+            chosen.append((g, keep.reshape(-1)))
+    _cut(model, chosen)
     return model
 
 
