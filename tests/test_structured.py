@@ -29,6 +29,7 @@ from napkit.structured import (
     saved_flops,
     slim_to,
 )
+from napkit.structured.attention import HeadAttention
 
 SIZE = 32
 SHAPE = (1, 3, SIZE, SIZE)
@@ -71,6 +72,11 @@ def masked(model: nn.Module, groups: list[ChannelGroup], plan: dict[str, torch.T
         gone[plan[g.id]] = False
         for name in g.producers + g.depthwise + g.norms:
             m, at = out.get_submodule(name), g.offset(name)  # a norm over a concatenation: the group's window
+            if isinstance(m, HeadAttention):  # a head: its query, key and value rows
+                for p in (m.in_proj_weight, m.in_proj_bias):
+                    if p is not None:
+                        p.data.view(3, m.num_heads, m.head_dim, -1)[:, gone] = 0.0
+                continue
             for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
                 if p is not None:
                     p.data[at: at + g.size][gone] = 0.0

@@ -30,6 +30,7 @@ from napkit.curvature.sampling import estimate
 from napkit.errors import NapkitError
 from napkit.pruning.masks import MaskSet
 from napkit.pruning.session import MODES, PruneData, run_pruning
+from napkit.structured.attention import prunable_attention
 from napkit.training.engine import resolve_device
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -97,9 +98,11 @@ def prune(model: nn.Module, train_data: Dataset, val_data: Dataset, *, method: s
     ``tolerance`` points below the dense model's and keeps the last iteration within it.
     ``train_data`` fine-tunes between steps and feeds the curvature; ``val_data`` takes every decision.
     ``example_input`` (one batch or one sample) fixes the input shape FLOPs are counted at (default: the
-    first training sample).
+    first training sample). Every ``nn.MultiheadAttention`` of ``model`` is swapped for the equivalent
+    :class:`~napkit.structured.attention.HeadAttention` (same state-dict keys), whose heads can be pruned.
     """
     cfg = _settings(method, mode, target, tolerance, batch_size, seed, overrides)
+    prunable_attention(model)  # nn.MultiheadAttention -> HeadAttention: same function, prunable heads
     torch.manual_seed(seed)
     dev = resolve_device(device)
     sample = example_input if example_input is not None else train_data[0][0]

@@ -22,6 +22,7 @@ from torch import nn
 
 from napkit.errors import NapkitError
 from napkit.models.weights import cached_state, load_state
+from napkit.structured.attention import prunable_attention
 
 _TORCHVISION = "torchvision.models."
 _CHANNELS = ("in_channels", "in_chans")
@@ -56,6 +57,7 @@ def build(name: str, *, num_classes: int, in_channels: int, input_size: int, wei
         model = _call(name, builder, data | kwargs)
     if in_channels != 3 and not _takes_channels(name, tv):
         _replace_first_conv(model, in_channels)
+    prunable_attention(model)  # same weights and function; heads become prunable channels
     if weights is not None and tv is not None:
         load_state(model, cached_state(tv, weights), f"{tv} {weights}", skip_mismatched=True)
     return model

@@ -12,12 +12,14 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from napkit.layers import modes_kept
+from napkit.structured.attention import HeadAttention
 
 
 @torch.no_grad()
 def module_flops(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, dict[str, int]]:
     """Total FLOPs of one eval-mode forward pass of a zero input of ``shape`` and the FLOPs of every
-    Conv2d / Linear (by qualified name); train/eval modes are restored afterwards."""
+    Conv2d / Linear and every :class:`HeadAttention` without its ``out_proj`` (by qualified name);
+    train/eval modes are restored afterwards."""
     device = next(model.parameters()).device
     counter = FlopCounterMode(display=False)
     with modes_kept(model):
@@ -26,6 +28,11 @@ def module_flops(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, dict[st
             model(torch.zeros(shape, device=device))
     by_module = counter.get_flop_counts()
     root = type(model).__name__
-    per_layer = {name: int(sum(by_module.get(f"{root}.{name}", {}).values()))
-                 for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+    def flops(name: str) -> int:
+        return int(sum(by_module.get(f"{root}.{name}", {}).values()))
+
+    per_layer = {name: flops(name) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    per_layer |= {name: flops(name) - flops(f"{name}.out_proj")  # projections and attention maps: linear in heads
+                  for name, m in model.named_modules() if isinstance(m, HeadAttention)}
     return int(counter.get_total_flops()), per_layer

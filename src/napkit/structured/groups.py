@@ -21,7 +21,9 @@ after a flatten of ``C x H x W`` features, 1 for a Linear reading its last dim (
 ViT, Swin, ConvNeXt).
 
 Spaces touched by anything else are frozen: never pruned. The network input and the logits are
-frozen by nature; the rest (LayerNorm over channels, channel shuffle, attention,
+frozen by nature. Self-attention (:class:`~napkit.structured.attention.HeadAttention`, what napkit runs
+for ``nn.MultiheadAttention``) makes its heads a group: producer rows per head, ``out_proj`` reading
+``head_dim`` columns per head. The rest (LayerNorm over channels, channel shuffle, other attention,
 shared layers, layers the user ignores) are reported by :func:`trace_groups` and
 named in one warning by :func:`warn_unpruned`, while every other group of the model stays prunable.
 """
@@ -40,6 +42,7 @@ from torchvision.ops import stochastic_depth
 
 from napkit.errors import NapkitError
 from napkit.layers import PrunableLayer, is_depthwise, is_grouped, is_prunable
+from napkit.structured.attention import HeadAttention
 from napkit.structured.blocks import ResidualBias
 
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
@@ -57,6 +60,7 @@ _QUERIES = {"size", "dim"}  # methods returning shapes (``x.shape`` traces as ge
 
 # layouts of a traced tensor (see the module docstring); OTHER: unknown, only behind a frozen space
 SPATIAL, FLAT, VECTOR, LAST, OTHER = "spatial", "flat", "vector", "last", "other"
+HEADS = "heads"  # an attention's per-head outputs, read by its out_proj in blocks of head_dim columns
 # why a space is frozen when nothing is wrong with it
 INPUT, OUTPUT, IGNORED = "network input", "network output", "ignored"
 _NATURAL = {INPUT, OUTPUT, IGNORED}
@@ -156,6 +160,7 @@ class _Tracer:
         self.values: dict[fx.Node, _Value] = {}
         self.seen: set[str] = set()
         self.shared: set[str] = set()
+        self.pairs: set[fx.Node] = set()  # attention calls: they return (output, None)
 
     def new(self, layout: str, *, frozen: str | None = None, producer: str | None = None) -> _Value:
         space = _Space(parent=len(self.spaces), frozen={frozen} if frozen else set(),
@@ -239,6 +244,8 @@ class _Tracer:
             return None
         if node.op == "call_module":
             return self.visit_module(node, self.modules[str(node.target)])
+        if node.target is operator.getitem and node.args[0] in self.pairs:  # (output, None) of an attention
+            return self.values[node.args[0]] if node.args[1] == 0 else None
         if (node.op == "call_method" and node.target in _QUERIES) or node.target is getattr:
             return None  # shape queries: no tensor, no dependency
         return self.visit_function(node)
@@ -253,6 +260,8 @@ class _Tracer:
         flattens = isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) == (1, -1)
         if flattens and len(args) == 1:
             return self.flattened(args[0], name)
+        if isinstance(module, HeadAttention) and self._once(name, module):
+            return self.attention(node, name, module, args)
         if self._once(name, module) and len(args) == 1:
             x = args[0]
             if x.parts and (is_depthwise(module) or is_grouped(module)):
@@ -280,6 +289,18 @@ class _Tracer:
                 return x
         return self.unknown(args, f"{type(module).__name__} {name}")
 
+    def attention(self, node: fx.Node, name: str, module: HeadAttention, args: list[_Value]) -> _Value:
+        """Self-attention: its heads are a group of their own (producer rows: each head's query, key and value
+        rows; consumer: ``out_proj``'s column blocks), its output a new space produced by ``out_proj``. The
+        fused input projection's columns are not cut: the tokens it reads stay frozen."""
+        if len(set(args)) != 1:
+            return self.unknown(args, f"attention {name} that is not self-attention")
+        self.freeze(f"attention input projection {name}", args[0])
+        heads = self.new(HEADS, producer=name)
+        self.read(heads, f"{name}.out_proj", HEADS)
+        self.pairs.add(node)
+        return self.new(LAST, producer=f"{name}.out_proj")
+
     def read(self, x: _Value, name: str, *layouts: str) -> None:
         """Layer ``name`` reads ``x``: a consumer of its channels (of each part's, at its offset) in a layout
         it understands, else frozen."""
@@ -291,7 +312,7 @@ class _Tracer:
 
     def _once(self, name: str, module: nn.Module) -> bool:
         """True for a layer with weights seen for the first time; a second call marks a shared layer."""
-        if not isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, ResidualBias)):
+        if not isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, ResidualBias, HeadAttention)):
             return False
         if name in self.seen:
             self.shared.add(name)
@@ -375,12 +396,12 @@ class _Tracer:
 
 
 class _LeafTracer(fx.Tracer):
-    """fx's tracer, keeping a removed block's per-channel shift and every BatchNorm subclass as one call: a
-    BatchNorm with its activation inside (timm's ``BatchNormAct2d``) is still per-channel, but traced
-    through it shows only an ``F.batch_norm`` on its buffers."""
+    """fx's tracer, keeping a removed block's per-channel shift, a :class:`HeadAttention` and every BatchNorm
+    subclass as one call: a BatchNorm with its activation inside (timm's ``BatchNormAct2d``) is still
+    per-channel, but traced through it shows only an ``F.batch_norm`` on its buffers."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (isinstance(m, ResidualBias | nn.modules.batchnorm._BatchNorm)
+        return (isinstance(m, ResidualBias | HeadAttention | nn.modules.batchnorm._BatchNorm)
                 or super().is_leaf_module(m, module_qualified_name))
 
 

@@ -141,7 +141,7 @@ class CostModel:
             reads=longs([index[n] for n, _ in reads]),
             read_group=longs([i for _, i in reads]),
             rows=r, channels=c, block=longs(blocks), fold=longs([getattr(layer, "groups", 1) for layer in layers]),
-            bias=longs([int(layer.bias is not None) for layer in layers]),
+            bias=longs([0 if layer.bias is None else layer.bias[0].numel() for layer in layers]),  # per row
             flops_unit=longs([per_layer[n] for n in names]) // (r * c),
         )
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from napkit.curvature import LayersNotRunWarning, estimate_kfac
 from napkit.models import create_model
+from napkit.structured.attention import prunable_attention
 from napkit.structured.groups import UnprunedLayersWarning
 from napkit.structured.pruner import FactorsProvider, StructuredPruner, count_flops
 from napkit.structured.surgery import recalibrate_bn
@@ -68,7 +69,7 @@ def build(name: str) -> tuple[nn.Module, int]:
     """Randomly initialised torchvision classifier ``name`` and the input size it runs at."""
     if name in _PATCH:  # ViTs take their image size as an argument; keep a 2x2 patch grid
         size = 2 * _PATCH[name]
-        return torchvision.models.get_model(name, weights=None, image_size=size), size
+        return prunable_attention(torchvision.models.get_model(name, weights=None, image_size=size)), size
     size = _SIZES.get(name, INPUT_SIZE)
     kwargs = {"input_size": (size, size)} if name == "maxvit_t" else {}
     return torchvision.models.get_model(name, weights=None, **kwargs), size

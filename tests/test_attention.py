@@ -1,0 +1,111 @@
+"""Attention heads as channels: HeadAttention is nn.MultiheadAttention, heads are traced, scored and cut."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_kfac import exact_weight_grads
+from test_structured import forward
+from torch import Tensor, nn
+from torchvision.models.vision_transformer import VisionTransformer
+
+from napkit.curvature import estimate_kfac
+from napkit.errors import NapkitError
+from napkit.models import create_model
+from napkit.structured import ScoreInputs, StructuredPruner, apply, channel_groups, create_channel_importance
+from napkit.structured.attention import HeadAttention, prunable_attention
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("train", [False, True])
+def test_head_attention_is_multihead_attention(batch_first: bool, bias: bool, train: bool) -> None:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(12, 3, bias=bias, batch_first=batch_first).double().train(train)
+    ours = HeadAttention.from_torch(mha)
+    assert ours.training == train and set(ours.state_dict()) == set(mha.state_dict())
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    expected, _ = mha(x, x, x, need_weights=False)
+    out, weights = ours(x, x, x, need_weights=False)
+    assert weights is None
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_other_attention_kinds_are_refused() -> None:
+    with pytest.raises(NapkitError, match="plain self-attention"):
+        HeadAttention.from_torch(nn.MultiheadAttention(8, 2, kdim=4, vdim=4))
+    attention, x = HeadAttention(8, 2, 4), torch.randn(1, 3, 8)
+    with pytest.raises(NapkitError, match="unmasked self-attention"):
+        attention(x, x, x, attn_mask=torch.zeros(3, 3))
+    with pytest.raises(NapkitError, match="unmasked self-attention"):
+        attention(x, torch.randn(1, 3, 8), x)
+
+
+def vit() -> nn.Module:
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=16, mlp_dim=24,
+                             num_classes=5)
+
+
+def test_swapping_keeps_the_function_and_the_weights_file() -> None:
+    plain = vit().double().eval()
+    swapped = prunable_attention(copy.deepcopy(plain))
+    assert isinstance(swapped.encoder.layers[0].self_attention, HeadAttention)
+    swapped.load_state_dict(plain.state_dict())  # a torchvision checkpoint loads as it is
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(forward(swapped, x), forward(plain, x), rtol=1e-10, atol=1e-12)
+    built = create_model("vit_b_32", num_classes=5, in_channels=3, input_size=64)  # the builders swap too
+    assert isinstance(built.encoder.layers[0].self_attention, HeadAttention)
+
+
+def test_heads_are_groups_read_by_out_proj_in_head_dim_blocks() -> None:
+    groups = {g.id: g for g in channel_groups(prunable_attention(vit()))}
+    heads = groups["encoder.layers.encoder_layer_0.self_attention"]
+    assert (heads.size, heads.producers) == (4, ("encoder.layers.encoder_layer_0.self_attention",))
+    assert [(c.name, c.block) for c in heads.consumers] == [("encoder.layers.encoder_layer_0.self_attention.out_proj", 4)]
+    pruned = apply(prunable_attention(vit()), {heads.id: torch.tensor([0, 2])})
+    attention = pruned.encoder.layers[0].self_attention
+    assert (attention.num_heads, attention.in_proj_weight.shape, attention.out_proj.in_features) == (2, (24, 16), 8)
+
+
+class _OneToken(nn.Module):
+    """Tokens -> self-attention -> classifier: with one token the K-FAC of ``out_proj`` is its exact Fisher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.attention, self.head = nn.Linear(3, 8), HeadAttention(8, 2, 4), nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = torch.tanh(self.embed(x))
+        out, _ = self.attention(tokens, tokens, tokens)
+        return self.head(out.mean(1))
+
+
+def test_out_proj_factors_are_the_exact_fisher_for_one_example_and_token() -> None:
+    torch.manual_seed(0)
+    model = _OneToken().double()
+    x, y = torch.randn(1, 1, 3, dtype=torch.float64), torch.tensor([2])
+    f = estimate_kfac(model, [(x, y)], num_samples=1, fisher="empirical", dtype=torch.float64,
+                      progress=False)["attention.out_proj"]
+    v = exact_weight_grads(model, "attention.out_proj", x, y)[0]
+    torch.testing.assert_close(f.kron_dense(), torch.outer(v, v), rtol=1e-10, atol=1e-12)
+
+
+def test_nap_scores_and_prunes_heads() -> None:
+    """Each head's NAP score is the compensated cost of its out_proj column block; the step removes heads."""
+    model = prunable_attention(vit()).eval()
+    nn.init.normal_(model.heads.head.weight, std=0.1)  # ViT's zero-initialised head would leave the loss flat
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(32, 3, 32, 32, generator=gen), torch.randint(0, 5, (32,), generator=gen)
+    factors = estimate_kfac(model, [(x, y)], num_samples=32, progress=False)
+    groups = channel_groups(model)
+    scores = create_channel_importance("nap")(model, groups, ScoreInputs(factors))
+    heads = [g.id for g in groups if g.id.endswith("self_attention")]
+    assert len(heads) == 2 and all(bool(torch.isfinite(scores[h]).all() and (scores[h] > 0).all()) for h in heads)
+    pruner = StructuredPruner("nap", model, input_shape=(1, 3, 32, 32), step_fraction=0.6, allocation="uniform",
+                              factors_provider=lambda m, i: factors)
+    pruned = pruner(model, 1)
+    assert [pruned.get_submodule(h).num_heads for h in heads] == [2, 2]
+    assert forward(pruned, x[:2]).shape == (2, 5)
