@@ -26,7 +26,7 @@ from napkit.structured import (
     count_params,
     slim_to,
 )
-from napkit.structured.attention import prunable_attention
+from napkit.structured.attention import HeadAttention, prunable_attention
 from napkit.structured.groups import UnprunedLayersWarning, trace_groups
 from napkit.structured.zoo import check_model, main
 
@@ -117,12 +117,13 @@ def test_couplings_land_in_the_right_groups() -> None:
     assert vit["encoder.layers.encoder_layer_0.mlp.0"].consumers[0].block == 1
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext", "densenet"])
-def test_cost_model_counts_depthwise_grouped_and_concatenating_layers_exactly(name: str) -> None:
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext", "densenet", "vit"])
+def test_cost_model_counts_depthwise_grouped_concatenating_and_attention_layers_exactly(name: str) -> None:
     model = tiny(name)
     shape = (1, 3, 32, 32)
     groups = trace_groups(model).groups
-    assert any(g.depthwise or g.fold > 1 or g.spans for g in groups)
+    assert any(g.depthwise or g.fold > 1 or g.spans or isinstance(model.get_submodule(g.id), HeadAttention)
+               for g in groups)
     plan = random_plan(groups, torch.Generator().manual_seed(2))
     pruned = apply(model, plan, groups=groups)
     removed = torch.tensor([g.size - len(plan[g.id]) for g in groups])
@@ -130,8 +131,8 @@ def test_cost_model_counts_depthwise_grouped_and_concatenating_layers_exactly(na
     assert cost == (count_params(pruned), count_flops(pruned, shape)[0])
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext", "densenet"])
-def test_rebuild_depthwise_grouped_and_concatenating_models_from_counts(name: str) -> None:
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext", "densenet", "vit"])
+def test_rebuild_depthwise_grouped_concatenating_and_attention_models_from_counts(name: str) -> None:
     gen = torch.Generator().manual_seed(3)
     model = tiny(name).eval()
     pruned = apply(model, random_plan(trace_groups(model).groups, gen))
