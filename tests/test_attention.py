@@ -16,6 +16,7 @@ from napkit.errors import NapkitError
 from napkit.models import create_model
 from napkit.structured import ScoreInputs, StructuredPruner, apply, channel_groups, create_channel_importance
 from napkit.structured.attention import HeadAttention, prunable_attention
+from napkit.structured.latency import LatencyTable
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -109,3 +110,10 @@ def test_nap_scores_and_prunes_heads() -> None:
     pruned = pruner(model, 1)
     assert [pruned.get_submodule(h).num_heads for h in heads] == [2, 2]
     assert forward(pruned, x[:2]).shape == (2, 5)
+
+
+def test_a_latency_table_without_the_attention_is_refused_up_front() -> None:
+    model = prunable_attention(vit()).eval()
+    table = LatencyTable.measure(model, (1, 3, 32, 32), timer=lambda layer, x: 1.0, progress=False)
+    with pytest.raises(NapkitError, match="latency table times plain Conv2d and Linear.*encoder_layer_0.self_attention"):
+        StructuredPruner("l1", model, input_shape=(1, 3, 32, 32), step_fraction=0.5, latency=table)

@@ -239,6 +239,8 @@ class StructuredPruner:
             why = sorted({r for reasons in tracing.unpruned.values() for r in reasons})
             raise NapkitError(f"{type(dense).__name__} has no prunable channel groups (ignore={list(self.ignore)}; "
                               f"its channels meet: {'; '.join(why[:10]) or 'no Conv2d/Linear layers'})")
+        if latency is not None:
+            _check_timed(latency, groups)
         self.unpruned = warn_unpruned(tracing)  # producers left unpruned by a coupling napkit cannot prune
         self.dense_groups = groups
         self._dense_group = {p: g for g in groups for p in g.producers}
@@ -506,6 +508,17 @@ def _checked(scores: dict[str, Tensor], group: ChannelGroup) -> Tensor:
     if bool(torch.isnan(score).any()):
         raise NapkitError(f"scores of group {group.id!r} contain NaN")
     return score
+
+
+def _check_timed(latency: LatencyTable, groups: list[ChannelGroup]) -> None:
+    """Fail before any work when a layer whose saving the step would price is not in the latency table."""
+    members = {n for g in groups for n in (*g.producers, *(c.name for c in g.consumers))}
+    untimed = sorted(members - set(latency.specs))
+    if untimed:
+        more = " ..." if len(untimed) > 5 else ""
+        raise NapkitError(f"the latency table times plain Conv2d and Linear layers only, and {len(untimed)} layer(s) "
+                          f"of this model's channel groups are not in it ({', '.join(untimed[:5])}{more}); leave them "
+                          f"out with prune.ignore, or rank without a latency table")
 
 
 def _folds(groups: list[ChannelGroup]) -> Tensor:
