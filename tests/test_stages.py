@@ -16,6 +16,7 @@ from napkit.evaluation.cost import input_shape
 from napkit.pruning.session import PruneData, channel_criterion, run_pruning, structured_parts
 from napkit.stages import curvature, evaluate, finetune, pretrain, prune
 from napkit.stages.common import checkpoint_path, load_splits, model_spec, stage_dir
+from napkit.structured.attention import HeadAttention
 from napkit.structured.blocks import skipped_blocks
 from napkit.structured.surgery import recalibrate_bn
 from napkit.training.trainer import fit
@@ -84,6 +85,20 @@ def test_structured_pipeline_for_each_family(fast_cfg, model: str, method: list[
     rebuilt, spec, masks = load_model(stage_dir(cfg, "finetune"))
     assert masks is None and spec.channels is not None
     assert sum(p.numel() for p in rebuilt.parameters()) == ev["params"]
+
+
+def test_structured_pipeline_prunes_a_vits_heads_and_rebuilds_it(fast_cfg) -> None:
+    """A torchvision ViT by builder path: its heads are channel groups through every stage, and the saved
+    model (channel counts + weights) rebuilds with fewer heads."""
+    cfg = fast_cfg("model=torchvision", "model.name=torchvision.models.vision_transformer.VisionTransformer",
+                   "+model.patch_size=4", "+model.num_layers=2", "+model.num_heads=4", "+model.hidden_dim=16",
+                   "+model.mlp_dim=32", "prune=nap_structured", "prune.structured.tolerance=100",
+                   "prune.structured.step_fraction=0.5", "prune.allocation=uniform")
+    ev = _run_all(cfg)["evaluate"]
+    assert ev["params"] < ev["params_dense"] and ev["flops"] < ev["flops_dense"]
+    rebuilt, _, _ = load_model(stage_dir(cfg, "finetune"))
+    heads = [m.num_heads for m in rebuilt.modules() if isinstance(m, HeadAttention)]
+    assert len(heads) == 2 and max(heads) < 4
 
 
 def test_pretrain_resumes_from_its_last_checkpoint(fast_cfg) -> None:
