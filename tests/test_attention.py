@@ -16,6 +16,7 @@ from napkit.errors import NapkitError
 from napkit.models import create_model
 from napkit.structured import ScoreInputs, StructuredPruner, apply, channel_groups, create_channel_importance
 from napkit.structured.attention import HeadAttention, prunable_attention
+from napkit.structured.groups import trace_groups
 from napkit.structured.latency import LatencyTable
 
 
@@ -23,25 +24,41 @@ from napkit.structured.latency import LatencyTable
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("train", [False, True])
 def test_head_attention_is_multihead_attention(batch_first: bool, bias: bool, train: bool) -> None:
+    """Same outputs in its own (prunable) form, and through torch's function for every other call."""
     torch.manual_seed(0)
-    mha = nn.MultiheadAttention(12, 3, bias=bias, batch_first=batch_first).double().train(train)
+    mha = nn.MultiheadAttention(12, 3, bias=bias, batch_first=batch_first, dtype=torch.float64).train(train)
+    mha.out_proj.weight.requires_grad_(False)
     ours = HeadAttention.from_torch(mha)
     assert ours.training == train and set(ours.state_dict()) == set(mha.state_dict())
-    x = torch.randn(2, 5, 12, dtype=torch.float64)
-    expected, _ = mha(x, x, x, need_weights=False)
-    out, weights = ours(x, x, x, need_weights=False)
-    assert weights is None
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert not ours.out_proj.weight.requires_grad and ours.in_proj_weight.requires_grad
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), mha.state_dict().values()))
+    x, other = torch.randn(2, 5, 12, dtype=torch.float64), torch.randn(2, 5, 12, dtype=torch.float64)
+    length = x.shape[1] if batch_first else x.shape[0]
+    mask = torch.randn(length, length, dtype=torch.float64)
+    calls = [((x, x, x), {"need_weights": False}), ((x, x, x), {}), ((x, other, other), {"need_weights": False}),
+             ((x, x, x), {"attn_mask": mask, "average_attn_weights": False})]
+    for args, kwargs in calls:
+        expected, expected_weights = mha(*args, **kwargs)
+        out, weights = ours(*args, **kwargs)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        assert (weights is None) == (expected_weights is None)
+        if weights is not None:
+            torch.testing.assert_close(weights, expected_weights, rtol=1e-12, atol=1e-12)
 
 
-def test_other_attention_kinds_are_refused() -> None:
+def test_other_attention_kinds_stay_torchs() -> None:
     with pytest.raises(NapkitError, match="plain self-attention"):
         HeadAttention.from_torch(nn.MultiheadAttention(8, 2, kdim=4, vdim=4))
-    attention, x = HeadAttention(8, 2, 4), torch.randn(1, 3, 8)
-    with pytest.raises(NapkitError, match="unmasked self-attention"):
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))  # its fast path reads torch's
+    prunable_attention(model)
+    assert type(model[0].self_attn) is nn.MultiheadAttention
+    attention = HeadAttention(8, 2, 4, batch_first=True)
+    attention.keep_heads(torch.tensor([1]))
+    attention.out_proj = nn.Linear(4, 8)  # the surgery cuts its columns as the heads' consumer
+    x = torch.randn(1, 3, 8)
+    assert attention(x, x, x, need_weights=False)[0].shape == (1, 3, 8)
+    with pytest.raises(NapkitError, match="lost heads"):
         attention(x, x, x, attn_mask=torch.zeros(3, 3))
-    with pytest.raises(NapkitError, match="unmasked self-attention"):
-        attention(x, torch.randn(1, 3, 8), x)
 
 
 def vit() -> nn.Module:
@@ -61,6 +78,32 @@ def test_swapping_keeps_the_function_and_the_weights_file() -> None:
     assert isinstance(built.encoder.layers[0].self_attention, HeadAttention)
 
 
+class _Calls(nn.Module):
+    """One attention called with weights (not its prunable form), one called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.weighted = nn.Linear(3, 8), HeadAttention(8, 2, 4, batch_first=True)
+        self.twice = HeadAttention(8, 2, 4, batch_first=True)
+        self.mid, self.head = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.embed(x)
+        a, _ = self.weighted(t, t, t)  # need_weights defaults to True
+        b = self.mid(a)
+        c = self.twice(b, b, b, need_weights=False)[0]
+        d = self.twice(c, c, c, need_weights=False)[0]
+        return self.head(d.mean(1))
+
+
+def test_attention_outside_its_prunable_form_keeps_its_heads() -> None:
+    tracing = trace_groups(_Calls())
+    assert tracing.groups == []
+    assert tracing.unpruned["embed"] == ("attention weighted called with masks, weights or as cross-attention",)
+    assert any("runs twice" in r for r in tracing.unpruned["twice"])  # its heads
+    assert any("runs twice" in r for r in tracing.unpruned["twice.out_proj"])  # and the rows it writes
+
+
 def test_heads_are_groups_read_by_out_proj_in_head_dim_blocks() -> None:
     groups = {g.id: g for g in channel_groups(prunable_attention(vit()))}
     heads = groups["encoder.layers.encoder_layer_0.self_attention"]
@@ -76,11 +119,11 @@ class _OneToken(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.embed, self.attention, self.head = nn.Linear(3, 8), HeadAttention(8, 2, 4), nn.Linear(8, 4)
+        self.embed, self.attention, self.head = nn.Linear(3, 8), HeadAttention(8, 2, 4, batch_first=True), nn.Linear(8, 4)
 
     def forward(self, x: Tensor) -> Tensor:
         tokens = torch.tanh(self.embed(x))
-        out, _ = self.attention(tokens, tokens, tokens)
+        out, _ = self.attention(tokens, tokens, tokens, need_weights=False)
         return self.head(out.mean(1))
 
 

@@ -113,6 +113,11 @@ class ChannelGroup:
         """Channels of a norm or consumer that reads the group: the group's size, or a concatenation's."""
         return next((width for name, _, width in self.spans if name == member), self.size)
 
+    def window(self, member: str) -> slice:
+        """The group's channels among a norm's or consumer's channels."""
+        offset = self.offset(member)
+        return slice(offset, offset + self.size)
+
 
 @dataclass(frozen=True)
 class Tracing:
@@ -175,7 +180,8 @@ class _Tracer:
         return i
 
     def space(self, value: _Value) -> _Space:
-        assert not value.parts, "a concatenation has no single space; use windows()"
+        if value.parts:
+            raise RuntimeError("a concatenation has no single space; use windows()")
         return self.spaces[self.root(value.space)]
 
     def windows(self, value: _Value) -> Iterator[tuple[_Space, int, int]]:
@@ -245,7 +251,9 @@ class _Tracer:
         if node.op == "call_module":
             return self.visit_module(node, self.modules[str(node.target)])
         if node.target is operator.getitem and node.args[0] in self.pairs:  # (output, None) of an attention
-            return self.values[node.args[0]] if node.args[1] == 0 else None
+            if node.args[1] in (0, -2):
+                return self.values[node.args[0]]
+            return None if node.args[1] in (1, -1) else self.unknown([self.values[node.args[0]]], _describe(node))
         if (node.op == "call_method" and node.target in _QUERIES) or node.target is getattr:
             return None  # shape queries: no tensor, no dependency
         return self.visit_function(node)
@@ -260,8 +268,11 @@ class _Tracer:
         flattens = isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) == (1, -1)
         if flattens and len(args) == 1:
             return self.flattened(args[0], name)
-        if isinstance(module, HeadAttention) and self._once(name, module):
-            return self.attention(node, name, module, args)
+        if isinstance(module, HeadAttention):
+            if self._once(name, module):
+                return self.attention(node, name, module, args)
+            self.shared.add(f"{name}.out_proj")  # called twice: its heads and its output rows stay whole
+            return self.unknown(args, f"HeadAttention {name}")
         if self._once(name, module) and len(args) == 1:
             x = args[0]
             if x.parts and (is_depthwise(module) or is_grouped(module)):
@@ -292,9 +303,14 @@ class _Tracer:
     def attention(self, node: fx.Node, name: str, module: HeadAttention, args: list[_Value]) -> _Value:
         """Self-attention: its heads are a group of their own (producer rows: each head's query, key and value
         rows; consumer: ``out_proj``'s column blocks), its output a new space produced by ``out_proj``. The
-        fused input projection's columns are not cut: the tokens it reads stay frozen."""
-        if len(set(args)) != 1:
-            return self.unknown(args, f"attention {name} that is not self-attention")
+        fused input projection's columns are not cut: the tokens it reads stay frozen. Only its prunable form
+        counts (unmasked self-attention with ``need_weights=False``); any other call freezes it."""
+        kwargs = node.kwargs
+        plain = (len(node.args) == 3 and len(set(args)) == 1 and kwargs.get("need_weights", True) is False
+                 and kwargs.get("attn_mask") is None and kwargs.get("key_padding_mask") is None
+                 and not kwargs.get("is_causal", False))
+        if not plain:
+            return self.unknown(args, f"attention {name} called with masks, weights or as cross-attention")
         self.freeze(f"attention input projection {name}", args[0])
         heads = self.new(HEADS, producer=name)
         self.read(heads, f"{name}.out_proj", HEADS)

@@ -118,8 +118,7 @@ class BnGamma(ChannelImportance):
     def _group(model: nn.Module, group: ChannelGroup) -> Tensor:
         if not group.norms:
             return torch.full((group.size,), math.inf, dtype=torch.float64)
-        gammas = [model.get_submodule(n).weight.detach().abs().double()[group.offset(n): group.offset(n) + group.size]
-                  for n in group.norms]
+        gammas = [model.get_submodule(n).weight.detach().abs().double()[group.window(n)] for n in group.norms]
         return torch.stack(gammas).sum(0)
 
 
@@ -175,10 +174,9 @@ class NapChannels(ChannelImportance):
                 if c.name not in per_consumer:
                     per_consumer[c.name] = self._consumer_terms(model, c, factors, inputs.compensated)
                 t = per_consumer[c.name]
-                terms.append(None if t is None else t[g.offset(c.name): g.offset(c.name) + g.size])
+                terms.append(None if t is None else t[g.window(c.name)])
             if self.producer_rows:
-                terms += [row_terms(model, p, self._damped(p, weight_with_bias(model.get_submodule(p)), factors))
-                          for p in g.producers]
+                terms += [self._row_terms(model, p, factors) for p in g.producers]
             if any(t is None for t in terms):  # a consumer that never ran as a module: NAP cannot judge it
                 scores[g.id] = torch.full((g.size,), math.inf, dtype=torch.float64)
                 continue
@@ -197,6 +195,12 @@ class NapChannels(ChannelImportance):
             return None
         return torch.cat([column_terms(b.weight, self._damped(b.key, b.weight, factors), consumer.block, compensated)
                           * _live_channels(factors[b.key], consumer.block) for b in blocks])
+
+    def _row_terms(self, model: nn.Module, name: str, factors: dict[str, KFACFactors]) -> Tensor:
+        """The ``producer_rows`` ablation's term of one producer (a Conv2d / Linear with factors)."""
+        if name not in factors:  # e.g. an attention's heads: their rows have no factors of their own
+            raise NapkitError(f"producer_rows needs K-FAC factors of every producer; {name!r} has none")
+        return row_terms(model, name, self._damped(name, weight_with_bias(model.get_submodule(name)), factors))
 
     def _damped(self, key: str, w_h: Tensor, factors: dict[str, KFACFactors]) -> KFACFactors:
         """The damped factors of ``key`` (a layer or a conv group), checked against its current ``W_h``."""

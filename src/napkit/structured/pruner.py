@@ -455,8 +455,7 @@ def _removed_inputs(groups: list[ChannelGroup], plan: Mapping[str, Tensor]) -> d
         for consumer in group.consumers:
             _, mask = removed.setdefault(consumer.name, (consumer, torch.zeros(group.width(consumer.name),
                                                                                dtype=torch.bool)))
-            offset = group.offset(consumer.name)
-            mask[offset: offset + group.size] |= gone
+            mask[group.window(consumer.name)] |= gone
     return removed
 
 

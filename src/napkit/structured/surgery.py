@@ -98,6 +98,9 @@ def _checked_keep(model: nn.Module, group: ChannelGroup, keep: Tensor | Sequence
     """Validated keep indices of ``group``; a group through grouped convs keeps the same positions in
     every one of its fold blocks."""
     size = rows(model.get_submodule(group.producers[0]))
+    if size != group.size:
+        raise NapkitError(f"channel group {group.id!r} is stale: its producer has {size} channels, the group says "
+                          f"{group.size}; trace the model again after each cut (channel_groups)")
     idx = _keep_index(keep, size, group.id)
     if group.fold > 1:
         positions = idx[: len(idx) // group.fold]
@@ -115,25 +118,39 @@ def _cut(model: nn.Module, chosen: Sequence[tuple[ChannelGroup, Tensor]]) -> Non
     (:attr:`ChannelGroup.spans`); it is cut once, after its keep mask has been marked by all of them, so
     no offset moves under another group's cut.
     """
-    marks: dict[str, tuple[Tensor, int]] = {}  # norm or consumer -> (keep mask over its channels, block)
-    for group, idx in chosen:
+    marks: dict[str, tuple[Tensor, int | None]] = {}  # norm or consumer -> (keep mask, column block; None: norm)
+    readers = [[(n, None) for n in g.norms] + [(c.name, c.block) for c in g.consumers] for g, _ in chosen]
+    for (group, _), members in zip(chosen, readers):
+        for name, block in members:  # check every reader against the model before the first cut
+            have = _reader_channels(model.get_submodule(name), block)
+            if have != group.width(name):
+                raise NapkitError(f"channel group {group.id!r} is stale: {name!r} reads {have} channels, the group says "
+                                  f"{group.width(name)}; trace the model again after each cut (channel_groups)")
+    for (group, idx), members in zip(chosen, readers):
         gone = torch.ones(group.size, dtype=torch.bool)
         gone[idx] = False
         for name in group.producers:
             _slice_rows(model.get_submodule(name), idx)
         for name in group.depthwise:
             _slice_depthwise(model.get_submodule(name), idx)
-        members = [(n, 0) for n in group.norms] + [(c.name, c.block) for c in group.consumers]
         for name, block in members:
             mask, _ = marks.setdefault(name, (torch.ones(group.width(name), dtype=torch.bool), block))
-            offset = group.offset(name)
-            mask[offset: offset + group.size] &= ~gone
+            mask[group.window(name)] &= ~gone
     for name, (mask, block) in marks.items():
         keep, module = torch.nonzero(mask).flatten(), model.get_submodule(name)
-        if block:
-            _slice_columns(module, keep, block)
-        else:
+        if block is None:
             _slice_norm(module, keep)
+        else:
+            _slice_columns(module, keep, block)
+
+
+def _reader_channels(module: nn.Module, block: int | None) -> int:
+    """Channels a norm (``block`` None) or consumer reads now: features, conv input channels or column blocks."""
+    if block is None:
+        return int(module.num_features)
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels
+    return module.weight.shape[1] // block
 
 
 def prune_channels(model: nn.Module, group: ChannelGroup, keep: Tensor | Sequence[int]) -> None:
