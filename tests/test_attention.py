@@ -9,13 +9,14 @@ import torch
 from test_kfac import exact_weight_grads
 from test_structured import forward
 from torch import Tensor, nn
+from torchvision.models.swin_transformer import SwinTransformer, swin_v2_t
 from torchvision.models.vision_transformer import VisionTransformer
 
 from napkit.curvature import estimate_kfac
 from napkit.errors import NapkitError
 from napkit.models import create_model
 from napkit.structured import ScoreInputs, StructuredPruner, apply, channel_groups, create_channel_importance
-from napkit.structured.attention import HeadAttention, prunable_attention
+from napkit.structured.attention import HeadAttention, WindowHeadAttention, prunable_attention
 from napkit.structured.groups import trace_groups
 from napkit.structured.latency import LatencyTable
 
@@ -160,3 +161,27 @@ def test_a_latency_table_without_the_attention_is_refused_up_front() -> None:
     table = LatencyTable.measure(model, (1, 3, 32, 32), timer=lambda layer, x: 1.0, progress=False)
     with pytest.raises(NapkitError, match="latency table times plain Conv2d and Linear.*encoder_layer_0.self_attention"):
         StructuredPruner("l1", model, input_shape=(1, 3, 32, 32), step_fraction=0.5, latency=table)
+
+
+@pytest.mark.parametrize("window,size", [([2, 2], 32), ([3, 3], 40)])  # 40 px: windows that need padding
+def test_window_head_attention_is_swins(window: list[int], size: int) -> None:
+    torch.manual_seed(0)
+    swin = SwinTransformer([4, 4], 8, [2, 2], [2, 2], window, num_classes=5).double().eval()
+    ours = prunable_attention(copy.deepcopy(swin))
+    assert sum(isinstance(m, WindowHeadAttention) for m in ours.modules()) == 4
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), swin.state_dict().values()))
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    torch.testing.assert_close(forward(ours, x), forward(swin, x), rtol=1e-12, atol=1e-12)
+    v2 = prunable_attention(swin_v2_t(num_classes=5))  # V2's cosine attention and bias MLP stay torchvision's
+    assert not any(isinstance(m, WindowHeadAttention) for m in v2.modules())
+
+
+def test_a_swin_head_takes_its_bias_table_column() -> None:
+    model = prunable_attention(SwinTransformer([4, 4], 8, [1, 1], [2, 4], [2, 2], num_classes=5))
+    heads = {g.id: g for g in channel_groups(model)}["features.3.0.attn"]
+    assert [(c.name, c.block) for c in heads.consumers] == [("features.3.0.attn.proj", 4)]
+    table = model.features[3][0].attn.relative_position_bias_table.detach().clone()
+    pruned = apply(model, {heads.id: torch.tensor([1, 3])})
+    attention = pruned.features[3][0].attn
+    assert (attention.num_heads, attention.qkv.out_features, attention.proj.in_features) == (2, 24, 8)
+    assert torch.equal(attention.relative_position_bias_table, table[:, [1, 3]])

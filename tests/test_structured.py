@@ -29,7 +29,7 @@ from napkit.structured import (
     saved_flops,
     slim_to,
 )
-from napkit.structured.attention import HeadAttention
+from napkit.structured.attention import ATTENTIONS, WindowHeadAttention
 
 SIZE = 32
 SHAPE = (1, 3, SIZE, SIZE)
@@ -72,8 +72,9 @@ def masked(model: nn.Module, groups: list[ChannelGroup], plan: dict[str, torch.T
         gone[plan[g.id]] = False
         for name in g.producers + g.depthwise + g.norms:
             m, at = out.get_submodule(name), g.offset(name)  # a norm over a concatenation: the group's window
-            if isinstance(m, HeadAttention):  # a head: its query, key and value rows
-                for p in (m.in_proj_weight, m.in_proj_bias):
+            if isinstance(m, ATTENTIONS):  # a head: its query, key and value rows
+                swin = isinstance(m, WindowHeadAttention)
+                for p in (m.qkv.weight, m.qkv.bias) if swin else (m.in_proj_weight, m.in_proj_bias):
                     if p is not None:
                         p.data.view(3, m.num_heads, m.head_dim, -1)[:, gone] = 0.0
                 continue

@@ -26,7 +26,7 @@ from napkit.structured import (
     count_params,
     slim_to,
 )
-from napkit.structured.attention import HeadAttention, prunable_attention
+from napkit.structured.attention import ATTENTIONS, prunable_attention
 from napkit.structured.groups import UnprunedLayersWarning, trace_groups
 from napkit.structured.zoo import check_model, main
 
@@ -45,8 +45,8 @@ def tiny(name: str) -> nn.Module:
     if name == "vit":  # as napkit's builders make it: prunable heads
         return prunable_attention(VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
                                                     hidden_dim=16, mlp_dim=24, num_classes=5))
-    if name == "swin":
-        return SwinTransformer([4, 4], 8, [1, 1], [1, 2], [2, 2], num_classes=5)
+    if name == "swin":  # as napkit's builders make it: prunable heads
+        return prunable_attention(SwinTransformer([4, 4], 8, [1, 1], [2, 2], [2, 2], num_classes=5))
     if name == "resnext":
         return tvm.ResNet(tvm.resnet.Bottleneck, [1, 1, 1, 1], num_classes=5, groups=4, width_per_group=4)
     if name == "mobilenet_v3_small":
@@ -117,12 +117,12 @@ def test_couplings_land_in_the_right_groups() -> None:
     assert vit["encoder.layers.encoder_layer_0.mlp.0"].consumers[0].block == 1
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext", "densenet", "vit"])
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext", "densenet", "vit", "swin"])
 def test_cost_model_counts_depthwise_grouped_concatenating_and_attention_layers_exactly(name: str) -> None:
     model = tiny(name)
     shape = (1, 3, 32, 32)
     groups = trace_groups(model).groups
-    assert any(g.depthwise or g.fold > 1 or g.spans or isinstance(model.get_submodule(g.id), HeadAttention)
+    assert any(g.depthwise or g.fold > 1 or g.spans or isinstance(model.get_submodule(g.id), ATTENTIONS)
                for g in groups)
     plan = random_plan(groups, torch.Generator().manual_seed(2))
     pruned = apply(model, plan, groups=groups)
@@ -131,7 +131,7 @@ def test_cost_model_counts_depthwise_grouped_concatenating_and_attention_layers_
     assert cost == (count_params(pruned), count_flops(pruned, shape)[0])
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext", "densenet", "vit"])
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext", "densenet", "vit", "swin"])
 def test_rebuild_depthwise_grouped_concatenating_and_attention_models_from_counts(name: str) -> None:
     gen = torch.Generator().manual_seed(3)
     model = tiny(name).eval()
@@ -256,8 +256,7 @@ def test_l1_step_prunes_grouped_convs_evenly() -> None:
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext", "convnext", "vit", "swin"])
 def test_nap_scores_the_new_groups(name: str) -> None:
     """NAP (K-FAC OBS) ranks SE, depthwise-coupled, grouped-conv and MLP hidden-unit groups from their members'
-    factors, estimated the default way: Swin's attention projections, which never run as modules, are left out
-    (ViT's heads run their out_proj as a module)."""
+    factors, estimated the default way (ViT's and Swin's heads run their output projections as modules)."""
     model = tiny(name)
     for m in model.modules():  # ViT's zero-initialised head would leave the loss flat
         if isinstance(m, nn.Linear) and not m.weight.any():
@@ -268,7 +267,7 @@ def test_nap_scores_the_new_groups(name: str) -> None:
         warnings.simplefilter("always", LayersNotRunWarning)
         factors = estimate_kfac(model, [(x, y)], num_samples=16, progress=False)
     not_run = [w for w in caught if issubclass(w.category, LayersNotRunWarning)]
-    assert bool(not_run) == (name == "swin"), [str(w.message) for w in not_run]
+    assert not not_run, [str(w.message) for w in not_run]
     if name == "resnext":
         assert "layer1.0.conv2#3" in factors
     pruner = StructuredPruner("nap", model, input_shape=(1, 3, 32, 32), step_fraction=0.5,

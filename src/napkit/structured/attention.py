@@ -16,6 +16,11 @@ Any other call (masks, ``need_weights=True``, cross-attention, ``is_causal``) ru
 attention's heads unpruned. :func:`prunable_attention` swaps the attentions of a model in place (torchvision's ViT;
 napkit's builders do it on build), except inside torch's ``nn.Transformer*Layer``, whose fast path reads
 ``nn.MultiheadAttention``'s internals.
+
+torchvision's Swin (V1) window attention has the same trouble (``qkv`` and ``proj`` applied through their
+weights, the head width taken from the input width): :class:`WindowHeadAttention` is the same module, same
+state, computing the same windows, shifts and relative position bias, with ``qkv`` and ``proj`` called as
+modules and a fixed ``head_dim``; a head also owns its column of the relative position bias table.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 from napkit.errors import NapkitError
 
@@ -30,6 +36,8 @@ from napkit.errors import NapkitError
 class HeadAttention(nn.Module):
     """Multi-head self-attention with ``num_heads`` heads of ``head_dim`` (sequence first unless
     ``batch_first``, as ``nn.MultiheadAttention``)."""
+
+    output = "out_proj"  # the layer that reads the heads
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, *, bias: bool = True, dropout: float = 0.0,
                  batch_first: bool = False) -> None:
@@ -118,20 +126,113 @@ class HeadAttention(nn.Module):
         return (out.transpose(0, 1) if self.batch_first else out), weights
 
 
+class WindowHeadAttention(ShiftedWindowAttention):
+    """torchvision's ``ShiftedWindowAttention`` (Swin V1) with prunable heads of ``head_dim`` (module docstring)."""
+
+    output = "proj"
+    head_dim: int
+
+    @classmethod
+    def from_torchvision(cls, module: ShiftedWindowAttention) -> WindowHeadAttention:
+        """The same attention, sharing ``module``'s parameters and buffers (the old object is not to be used)."""
+        if type(module) is not ShiftedWindowAttention:
+            raise NapkitError(f"WindowHeadAttention holds Swin V1's ShiftedWindowAttention, not {type(module).__name__}")
+        new = cls.__new__(cls)
+        new.__dict__.update(module.__dict__)
+        new.head_dim = module.proj.in_features // module.num_heads
+        return new
+
+    @property
+    def weight(self) -> Tensor:
+        """The producer rows, one per head: its query, key and value rows of ``qkv`` side by side."""
+        return self.qkv.weight.view(3, self.num_heads, -1).transpose(0, 1).reshape(self.num_heads, -1)
+
+    @property
+    def bias(self) -> Tensor | None:
+        """Per head, every parameter besides its ``qkv`` weight rows: its ``qkv`` biases and its column of the
+        relative position bias table (``[heads, 3 * head_dim + positions]``)."""
+        table = self.relative_position_bias_table.t()
+        if self.qkv.bias is None:
+            return table
+        own = self.qkv.bias.view(3, self.num_heads, self.head_dim).transpose(0, 1).reshape(self.num_heads, -1)
+        return torch.cat([own, table], 1)
+
+    def keep_heads(self, keep: Tensor) -> None:
+        """Keep heads ``keep``: their ``qkv`` rows and bias-table columns (``proj``'s columns are its consumer's)."""
+        def rows(t: Tensor) -> nn.Parameter:
+            kept = t.detach().view(3, self.num_heads, self.head_dim, -1).index_select(1, keep.to(t.device))
+            return nn.Parameter(kept.reshape(-1, *t.shape[1:]), requires_grad=t.requires_grad)
+
+        self.qkv.weight = rows(self.qkv.weight)
+        if self.qkv.bias is not None:
+            self.qkv.bias = rows(self.qkv.bias)
+        self.qkv.out_features = self.qkv.weight.shape[0]
+        table = self.relative_position_bias_table
+        self.relative_position_bias_table = nn.Parameter(table.detach()[:, keep.to(table.device)].clone(),
+                                                         requires_grad=table.requires_grad)
+        self.num_heads = len(keep)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Attention within (shifted) windows of a ``[B, H, W, C]`` map, as torchvision's, returning ``[B, H, W, C]``."""
+        batch, height, width, _ = x.shape
+        wh, ww = self.window_size
+        x = F.pad(x, (0, 0, 0, (ww - width % ww) % ww, 0, (wh - height % wh) % wh))
+        ph, pw = x.shape[1], x.shape[2]
+        shift = [0 if wh >= ph else self.shift_size[0], 0 if ww >= pw else self.shift_size[1]]
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        windows = _windows(x, wh, ww)  # [B * nW, wh * ww, C]
+        tokens = windows.shape[1]
+        qkv = self.qkv(windows).view(windows.shape[0], tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        scores = (qkv[0] * self.head_dim ** -0.5) @ qkv[1].transpose(-2, -1) + self.get_relative_position_bias()
+        if sum(shift) > 0:
+            n = (ph // wh) * (pw // ww)
+            scores = scores.view(batch, n, self.num_heads, tokens, tokens) + _shift_mask(ph, pw, wh, ww, shift, x)
+            scores = scores.view(-1, self.num_heads, tokens, tokens)
+        attention = F.dropout(scores.softmax(-1), self.attention_dropout, self.training)
+        heads = (attention @ qkv[2]).transpose(1, 2).reshape(windows.shape[0], tokens, self.num_heads * self.head_dim)
+        out = F.dropout(self.proj(heads), self.dropout, self.training)
+        out = out.view(batch, ph // wh, pw // ww, wh, ww, -1).permute(0, 1, 3, 2, 4, 5).reshape(batch, ph, pw, -1)
+        if sum(shift) > 0:
+            out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
+        return out[:, :height, :width, :].contiguous()
+
+
+def _windows(x: Tensor, wh: int, ww: int) -> Tensor:
+    """``[B, H, W, C]`` -> ``[B * windows, wh * ww, C]``, windows in row-major order."""
+    b, h, w, c = x.shape
+    return x.view(b, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, c)
+
+
+def _shift_mask(ph: int, pw: int, wh: int, ww: int, shift: list[int], like: Tensor) -> Tensor:
+    """``[1, windows, 1, N, N]``: -100 between tokens of a shifted window that came from different regions of
+    the map (the cyclic shift put them side by side), else 0."""
+    def bands(size: int, window: int, s: int) -> Tensor:  # 0, 1, 2: before size - window, before size - s, after
+        at = torch.arange(size, device=like.device)
+        return (at >= size - window).long() + (at >= size - s).long()
+
+    region = (bands(ph, wh, shift[0])[:, None] * 3 + bands(pw, ww, shift[1])[None, :]).to(like.dtype)
+    region = _windows(region[None, :, :, None], wh, ww)[..., 0]  # [windows, N]
+    mask = (region[:, None, :] != region[:, :, None]).to(like.dtype) * -100.0
+    return mask[None, :, None]
+
+
+ATTENTIONS = (HeadAttention, WindowHeadAttention)  # heads as channels: ``weight`` rows, ``keep_heads``, ``output``
 _TORCH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 def prunable_attention(model: nn.Module) -> nn.Module:
     """Replace every plain ``nn.MultiheadAttention`` of ``model`` (no kdim/vdim, bias_kv or zero_attn; not in
-    torch's own transformer layers) by the equivalent :class:`HeadAttention`, in place. Hooks on a replaced
-    attention are not carried over."""
+    torch's own transformer layers) by the equivalent :class:`HeadAttention`, and every Swin V1
+    ``ShiftedWindowAttention`` by :class:`WindowHeadAttention`, in place. Hooks on a replaced attention are
+    not carried over."""
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.MultiheadAttention) or not _plain(module):
-            continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if not isinstance(parent, _TORCH_LAYERS):
+        if isinstance(module, nn.MultiheadAttention) and _plain(module) and not isinstance(parent, _TORCH_LAYERS):
             setattr(parent, child, HeadAttention.from_torch(module))
+        elif type(module) is ShiftedWindowAttention:
+            setattr(parent, child, WindowHeadAttention.from_torchvision(module))
     return model
 
 

@@ -12,13 +12,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from napkit.layers import modes_kept
-from napkit.structured.attention import HeadAttention
+from napkit.structured.attention import ATTENTIONS
 
 
 @torch.no_grad()
 def module_flops(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, dict[str, int]]:
     """Total FLOPs of one eval-mode forward pass of a zero input of ``shape`` and the FLOPs of every
-    Conv2d / Linear and every :class:`HeadAttention` without its ``out_proj`` (by qualified name);
+    Conv2d / Linear and every prunable attention without its output projection (by qualified name);
     train/eval modes are restored afterwards."""
     device = next(model.parameters()).device
     counter = FlopCounterMode(display=False)
@@ -33,6 +33,6 @@ def module_flops(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, dict[st
         return int(sum(by_module.get(f"{root}.{name}", {}).values()))
 
     per_layer = {name: flops(name) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    per_layer |= {name: flops(name) - flops(f"{name}.out_proj")  # projections and attention maps: linear in heads
-                  for name, m in model.named_modules() if isinstance(m, HeadAttention)}
+    per_layer |= {name: flops(name) - flops(f"{name}.{m.output}")  # projections and attention maps: linear in heads
+                  for name, m in model.named_modules() if isinstance(m, ATTENTIONS)}
     return int(counter.get_total_flops()), per_layer

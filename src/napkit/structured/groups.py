@@ -22,8 +22,9 @@ ViT, Swin, ConvNeXt).
 
 Spaces touched by anything else are frozen: never pruned. The network input and the logits are
 frozen by nature. Self-attention (:class:`~napkit.structured.attention.HeadAttention`, what napkit runs
-for ``nn.MultiheadAttention``) makes its heads a group: producer rows per head, ``out_proj`` reading
-``head_dim`` columns per head. The rest (LayerNorm over channels, channel shuffle, other attention,
+for ``nn.MultiheadAttention``, and :class:`~napkit.structured.attention.WindowHeadAttention` for Swin's)
+makes its heads a group: producer rows per head, the output projection reading ``head_dim`` columns per
+head. The rest (LayerNorm over channels, channel shuffle, other attention,
 shared layers, layers the user ignores) are reported by :func:`trace_groups` and
 named in one warning by :func:`warn_unpruned`, while every other group of the model stays prunable.
 """
@@ -42,7 +43,7 @@ from torchvision.ops import stochastic_depth
 
 from napkit.errors import NapkitError
 from napkit.layers import PrunableLayer, is_depthwise, is_grouped, is_prunable
-from napkit.structured.attention import HeadAttention
+from napkit.structured.attention import ATTENTIONS, HeadAttention
 from napkit.structured.blocks import ResidualBias
 
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
@@ -268,11 +269,11 @@ class _Tracer:
         flattens = isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) == (1, -1)
         if flattens and len(args) == 1:
             return self.flattened(args[0], name)
-        if isinstance(module, HeadAttention):
+        if isinstance(module, ATTENTIONS):
             if self._once(name, module):
                 return self.attention(node, name, module, args)
-            self.shared.add(f"{name}.out_proj")  # called twice: its heads and its output rows stay whole
-            return self.unknown(args, f"HeadAttention {name}")
+            self.shared.add(f"{name}.{module.output}")  # called twice: its heads and its output rows stay whole
+            return self.unknown(args, f"{type(module).__name__} {name}")
         if self._once(name, module) and len(args) == 1:
             x = args[0]
             if x.parts and (is_depthwise(module) or is_grouped(module)):
@@ -300,22 +301,27 @@ class _Tracer:
                 return x
         return self.unknown(args, f"{type(module).__name__} {name}")
 
-    def attention(self, node: fx.Node, name: str, module: HeadAttention, args: list[_Value]) -> _Value:
+    def attention(self, node: fx.Node, name: str, module: nn.Module, args: list[_Value]) -> _Value:
         """Self-attention: its heads are a group of their own (producer rows: each head's query, key and value
-        rows; consumer: ``out_proj``'s column blocks), its output a new space produced by ``out_proj``. The
-        fused input projection's columns are not cut: the tokens it reads stay frozen. Only its prunable form
-        counts (unmasked self-attention with ``need_weights=False``); any other call freezes it."""
-        kwargs = node.kwargs
-        plain = (len(node.args) == 3 and len(set(args)) == 1 and kwargs.get("need_weights", True) is False
-                 and kwargs.get("attn_mask") is None and kwargs.get("key_padding_mask") is None
-                 and not kwargs.get("is_causal", False))
+        rows; consumer: the output projection's column blocks), its output a new space produced by that
+        projection. The input projection's columns are not cut: the tokens it reads stay frozen. Only its
+        prunable form counts (a :class:`HeadAttention`: unmasked self-attention with ``need_weights=False``);
+        any other call freezes it."""
+        kwargs, output = node.kwargs, f"{name}.{module.output}"
+        if isinstance(module, HeadAttention):
+            plain = (len(node.args) == 3 and len(set(args)) == 1 and kwargs.get("need_weights", True) is False
+                     and kwargs.get("attn_mask") is None and kwargs.get("key_padding_mask") is None
+                     and not kwargs.get("is_causal", False))
+        else:
+            plain = len(node.args) == 1 and not kwargs
         if not plain:
             return self.unknown(args, f"attention {name} called with masks, weights or as cross-attention")
         self.freeze(f"attention input projection {name}", args[0])
         heads = self.new(HEADS, producer=name)
-        self.read(heads, f"{name}.out_proj", HEADS)
-        self.pairs.add(node)
-        return self.new(LAST, producer=f"{name}.out_proj")
+        self.read(heads, output, HEADS)
+        if isinstance(module, HeadAttention):
+            self.pairs.add(node)  # it returns (output, None)
+        return self.new(LAST, producer=output)
 
     def read(self, x: _Value, name: str, *layouts: str) -> None:
         """Layer ``name`` reads ``x``: a consumer of its channels (of each part's, at its offset) in a layout
@@ -328,7 +334,7 @@ class _Tracer:
 
     def _once(self, name: str, module: nn.Module) -> bool:
         """True for a layer with weights seen for the first time; a second call marks a shared layer."""
-        if not isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, ResidualBias, HeadAttention)):
+        if not isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, ResidualBias, *ATTENTIONS)):
             return False
         if name in self.seen:
             self.shared.add(name)
@@ -412,12 +418,12 @@ class _Tracer:
 
 
 class _LeafTracer(fx.Tracer):
-    """fx's tracer, keeping a removed block's per-channel shift, a :class:`HeadAttention` and every BatchNorm
+    """fx's tracer, keeping a removed block's per-channel shift, a prunable attention and every BatchNorm
     subclass as one call: a BatchNorm with its activation inside (timm's ``BatchNormAct2d``) is still
     per-channel, but traced through it shows only an ``F.batch_norm`` on its buffers."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (isinstance(m, ResidualBias | HeadAttention | nn.modules.batchnorm._BatchNorm)
+        return (isinstance(m, (ResidualBias, *ATTENTIONS, nn.modules.batchnorm._BatchNorm))
                 or super().is_leaf_module(m, module_qualified_name))
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from napkit.errors import NapkitError
 from napkit.layers import modes_kept
-from napkit.structured.attention import HeadAttention
+from napkit.structured.attention import ATTENTIONS
 from napkit.structured.blocks import INNER, block_of, bottlenecks, skip_block, skipped_blocks
 from napkit.structured.groups import ChannelGroup, channel_groups, find_group, rows
 
@@ -34,7 +34,7 @@ def _set_param(module: nn.Module, name: str, value: Tensor) -> None:
 
 def _slice_rows(layer: nn.Module, keep: Tensor) -> None:
     """Keep output channels / units ``keep`` of a Conv2d or Linear, or heads ``keep`` of an attention."""
-    if isinstance(layer, HeadAttention):
+    if isinstance(layer, ATTENTIONS):
         layer.keep_heads(keep)
         return
     _set_param(layer, "weight", _take(layer.weight, keep))

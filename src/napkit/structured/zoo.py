@@ -72,7 +72,7 @@ def build(name: str) -> tuple[nn.Module, int]:
         return prunable_attention(torchvision.models.get_model(name, weights=None, image_size=size)), size
     size = _SIZES.get(name, INPUT_SIZE)
     kwargs = {"input_size": (size, size)} if name == "maxvit_t" else {}
-    return torchvision.models.get_model(name, weights=None, **kwargs), size
+    return prunable_attention(torchvision.models.get_model(name, weights=None, **kwargs)), size
 
 
 def build_timm(name: str) -> tuple[nn.Module, int]:
