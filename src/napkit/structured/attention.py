@@ -70,25 +70,18 @@ class HeadAttention(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The producer rows, one per head: its query, key and value rows side by side (``[heads, 3 * head_dim * embed_dim]``)."""
-        w = self.in_proj_weight.view(3, self.num_heads, self.head_dim * self.embed_dim)
-        return w.transpose(0, 1).reshape(self.num_heads, -1)
+        return _per_head(self.in_proj_weight, self.num_heads)
 
     @property
     def bias(self) -> Tensor | None:
         """The input projection's biases, one row per head (``[heads, 3 * head_dim]``)."""
-        if self.in_proj_bias is None:
-            return None
-        return self.in_proj_bias.view(3, self.num_heads, self.head_dim).transpose(0, 1).reshape(self.num_heads, -1)
+        return None if self.in_proj_bias is None else _per_head(self.in_proj_bias, self.num_heads)
 
     def keep_heads(self, keep: Tensor) -> None:
         """Keep heads ``keep`` (sorted indices) of the input projection; ``out_proj``'s columns are its consumer's."""
-        def take(t: Tensor) -> nn.Parameter:
-            rows = t.detach().view(3, self.num_heads, self.head_dim, -1).index_select(1, keep.to(t.device))
-            return nn.Parameter(rows.reshape(-1, *t.shape[1:]), requires_grad=t.requires_grad)
-
-        self.in_proj_weight = take(self.in_proj_weight)
+        self.in_proj_weight = _head_rows(self.in_proj_weight, self.num_heads, keep)
         if self.in_proj_bias is not None:
-            self.in_proj_bias = take(self.in_proj_bias)
+            self.in_proj_bias = _head_rows(self.in_proj_bias, self.num_heads, keep)
         self.num_heads = len(keep)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
@@ -145,27 +138,20 @@ class WindowHeadAttention(ShiftedWindowAttention):
     @property
     def weight(self) -> Tensor:
         """The producer rows, one per head: its query, key and value rows of ``qkv`` side by side."""
-        return self.qkv.weight.view(3, self.num_heads, -1).transpose(0, 1).reshape(self.num_heads, -1)
+        return _per_head(self.qkv.weight, self.num_heads)
 
     @property
     def bias(self) -> Tensor | None:
         """Per head, every parameter besides its ``qkv`` weight rows: its ``qkv`` biases and its column of the
         relative position bias table (``[heads, 3 * head_dim + positions]``)."""
         table = self.relative_position_bias_table.t()
-        if self.qkv.bias is None:
-            return table
-        own = self.qkv.bias.view(3, self.num_heads, self.head_dim).transpose(0, 1).reshape(self.num_heads, -1)
-        return torch.cat([own, table], 1)
+        return table if self.qkv.bias is None else torch.cat([_per_head(self.qkv.bias, self.num_heads), table], 1)
 
     def keep_heads(self, keep: Tensor) -> None:
         """Keep heads ``keep``: their ``qkv`` rows and bias-table columns (``proj``'s columns are its consumer's)."""
-        def rows(t: Tensor) -> nn.Parameter:
-            kept = t.detach().view(3, self.num_heads, self.head_dim, -1).index_select(1, keep.to(t.device))
-            return nn.Parameter(kept.reshape(-1, *t.shape[1:]), requires_grad=t.requires_grad)
-
-        self.qkv.weight = rows(self.qkv.weight)
+        self.qkv.weight = _head_rows(self.qkv.weight, self.num_heads, keep)
         if self.qkv.bias is not None:
-            self.qkv.bias = rows(self.qkv.bias)
+            self.qkv.bias = _head_rows(self.qkv.bias, self.num_heads, keep)
         self.qkv.out_features = self.qkv.weight.shape[0]
         table = self.relative_position_bias_table
         self.relative_position_bias_table = nn.Parameter(table.detach()[:, keep.to(table.device)].clone(),
@@ -198,6 +184,18 @@ class WindowHeadAttention(ShiftedWindowAttention):
         return out[:, :height, :width, :].contiguous()
 
 
+def _per_head(t: Tensor, heads: int) -> Tensor:
+    """A fused query/key/value projection's weight or bias ``[3 * heads * head_dim, ...]`` as one row per head:
+    its query, key and value entries side by side."""
+    return t.view(3, heads, -1).transpose(0, 1).reshape(heads, -1)
+
+
+def _head_rows(t: Tensor, heads: int, keep: Tensor) -> nn.Parameter:
+    """The rows of heads ``keep`` of a fused query/key/value projection's weight or bias, as a new parameter."""
+    kept = t.detach().view(3, heads, -1, *t.shape[1:]).index_select(1, keep.to(t.device))
+    return nn.Parameter(kept.reshape(-1, *t.shape[1:]), requires_grad=t.requires_grad)
+
+
 def _windows(x: Tensor, wh: int, ww: int) -> Tensor:
     """``[B, H, W, C]`` -> ``[B * windows, wh * ww, C]``, windows in row-major order."""
     b, h, w, c = x.shape
@@ -227,12 +225,15 @@ def prunable_attention(model: nn.Module) -> nn.Module:
     ``ShiftedWindowAttention`` by :class:`WindowHeadAttention`, in place. Hooks on a replaced attention are
     not carried over."""
     for name, module in list(model.named_modules()):
+        torch_mha = isinstance(module, nn.MultiheadAttention) and _plain(module)
+        if not torch_mha and type(module) is not ShiftedWindowAttention:
+            continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if isinstance(module, nn.MultiheadAttention) and _plain(module) and not isinstance(parent, _TORCH_LAYERS):
-            setattr(parent, child, HeadAttention.from_torch(module))
-        elif type(module) is ShiftedWindowAttention:
+        if not torch_mha:
             setattr(parent, child, WindowHeadAttention.from_torchvision(module))
+        elif not isinstance(parent, _TORCH_LAYERS):
+            setattr(parent, child, HeadAttention.from_torch(module))
     return model
 
 

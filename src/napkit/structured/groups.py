@@ -34,11 +34,11 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
-from torch import fx, nn
+from torch import Tensor, fx, nn
 from torchvision.ops import stochastic_depth
 
 from napkit.errors import NapkitError
@@ -577,6 +577,18 @@ def _consumer(model: nn.Module, name: str, layout: str, channels: int) -> Consum
     if block * channels != d_in:
         raise NapkitError(f"layer {name!r} has {d_in} inputs, not a multiple of the {channels} channels it reads")
     return Consumer(name, block)
+
+
+def removed_inputs(chosen: Iterable[tuple[ChannelGroup, Tensor | Sequence[int]]]) -> dict[str, Tensor]:
+    """Which of its channels every norm and consumer of the ``chosen`` groups loses when each group keeps only
+    its indices; a reader of a concatenation gathers all its groups' removals, each at its offset."""
+    removed: dict[str, Tensor] = {}
+    for group, keep in chosen:
+        gone = torch.ones(group.size, dtype=torch.bool)
+        gone[torch.as_tensor(keep, dtype=torch.long)] = False
+        for name in (*group.norms, *(c.name for c in group.consumers)):
+            removed.setdefault(name, torch.zeros(group.width(name), dtype=torch.bool))[group.window(name)] |= gone
+    return removed
 
 
 def find_group(groups: list[ChannelGroup], group_id: str) -> ChannelGroup:

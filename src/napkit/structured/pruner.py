@@ -31,10 +31,10 @@ from napkit.structured.consumers import consumer_blocks
 from napkit.structured.flops import module_flops
 from napkit.structured.groups import (
     ChannelGroup,
-    Consumer,
     channel_groups,
     find_group,
     in_channels,
+    removed_inputs,
     rows,
     trace_groups,
     warn_unpruned,
@@ -419,7 +419,10 @@ def compensate_consumers_(model: nn.Module, groups: list[ChannelGroup], plan: Ma
     of a concatenation loses the channels of all its groups in one joint update.
     """
     predicted = 0.0
-    for consumer, gone in _removed_inputs(groups, plan).values():
+    chosen = [(find_group(groups, gid), keep) for gid, keep in plan.items()]
+    removed = removed_inputs(chosen)
+    for consumer in {c.name: c for group, _ in chosen for c in group.consumers}.values():
+        gone = removed[consumer.name]
         layer = model.get_submodule(consumer.name)
         d_in = layer.weight[0].numel()
         for blk in consumer_blocks(model, consumer):
@@ -443,20 +446,6 @@ def compensate_consumers_(model: nn.Module, groups: list[ChannelGroup], plan: Ma
                 if layer.bias is not None:
                     layer.bias[blk.rows].add_(delta[:, d_in].to(layer.bias))
     return predicted
-
-
-def _removed_inputs(groups: list[ChannelGroup], plan: Mapping[str, Tensor]) -> dict[str, tuple[Consumer, Tensor]]:
-    """Every consumer of a group in ``plan`` and which of its input channels the plan removes."""
-    removed: dict[str, tuple[Consumer, Tensor]] = {}
-    for gid, keep in plan.items():
-        group = find_group(groups, gid)
-        gone = torch.ones(group.size, dtype=torch.bool)
-        gone[torch.as_tensor(keep, dtype=torch.long)] = False
-        for consumer in group.consumers:
-            _, mask = removed.setdefault(consumer.name, (consumer, torch.zeros(group.width(consumer.name),
-                                                                               dtype=torch.bool)))
-            mask[group.window(consumer.name)] |= gone
-    return removed
 
 
 def _criterion(importance: str | ChannelImportance, damping: float) -> ChannelImportance:

@@ -17,7 +17,7 @@ from napkit.errors import NapkitError
 from napkit.layers import modes_kept
 from napkit.structured.attention import ATTENTIONS
 from napkit.structured.blocks import INNER, block_of, bottlenecks, skip_block, skipped_blocks
-from napkit.structured.groups import ChannelGroup, channel_groups, find_group, rows
+from napkit.structured.groups import ChannelGroup, channel_groups, find_group, removed_inputs, rows
 
 Plan = Mapping[str, Tensor | Sequence[int]]
 
@@ -118,30 +118,24 @@ def _cut(model: nn.Module, chosen: Sequence[tuple[ChannelGroup, Tensor]]) -> Non
     (:attr:`ChannelGroup.spans`); it is cut once, after its keep mask has been marked by all of them, so
     no offset moves under another group's cut.
     """
-    marks: dict[str, tuple[Tensor, int | None]] = {}  # norm or consumer -> (keep mask, column block; None: norm)
-    readers = [[(n, None) for n in g.norms] + [(c.name, c.block) for c in g.consumers] for g, _ in chosen]
-    for (group, _), members in zip(chosen, readers):
-        for name, block in members:  # check every reader against the model before the first cut
-            have = _reader_channels(model.get_submodule(name), block)
+    blocks = {c.name: c.block for group, _ in chosen for c in group.consumers}  # the rest are norms
+    for group, _ in chosen:  # check every reader against the model before the first cut
+        for name in (*group.norms, *(c.name for c in group.consumers)):
+            have = _reader_channels(model.get_submodule(name), blocks.get(name))
             if have != group.width(name):
                 raise NapkitError(f"channel group {group.id!r} is stale: {name!r} reads {have} channels, the group says "
                                   f"{group.width(name)}; trace the model again after each cut (channel_groups)")
-    for (group, idx), members in zip(chosen, readers):
-        gone = torch.ones(group.size, dtype=torch.bool)
-        gone[idx] = False
+    for group, idx in chosen:
         for name in group.producers:
             _slice_rows(model.get_submodule(name), idx)
         for name in group.depthwise:
             _slice_depthwise(model.get_submodule(name), idx)
-        for name, block in members:
-            mask, _ = marks.setdefault(name, (torch.ones(group.width(name), dtype=torch.bool), block))
-            mask[group.window(name)] &= ~gone
-    for name, (mask, block) in marks.items():
-        keep, module = torch.nonzero(mask).flatten(), model.get_submodule(name)
-        if block is None:
-            _slice_norm(module, keep)
+    for name, gone in removed_inputs(chosen).items():
+        keep, module = torch.nonzero(~gone).flatten(), model.get_submodule(name)
+        if name in blocks:
+            _slice_columns(module, keep, blocks[name])
         else:
-            _slice_columns(module, keep, block)
+            _slice_norm(module, keep)
 
 
 def _reader_channels(module: nn.Module, block: int | None) -> int:
