@@ -65,7 +65,8 @@ def random_plan(groups: list[ChannelGroup], gen: torch.Generator) -> dict[str, t
 
 
 def masked(model: nn.Module, groups: list[ChannelGroup], plan: dict[str, torch.Tensor]) -> nn.Module:
-    """Zero the removed channels instead: producer rows and bias, depthwise filters, norm weight and bias."""
+    """Zero the removed channels instead: producer rows and bias, depthwise filters, norm weight and bias,
+    per-channel parameters."""
     out = copy.deepcopy(model)
     for g in groups:
         gone = torch.ones(g.size, dtype=torch.bool)
@@ -81,6 +82,8 @@ def masked(model: nn.Module, groups: list[ChannelGroup], plan: dict[str, torch.T
             for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
                 if p is not None:
                     p.data[at: at + g.size][gone] = 0.0
+        for name, dim in g.params:  # a per-channel parameter (layer scale): its entries
+            out.get_parameter(name).data.index_fill_(dim, torch.nonzero(gone).flatten(), 0.0)
     return out
 
 

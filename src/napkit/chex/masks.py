@@ -54,8 +54,10 @@ def chex_layers(model: nn.Module, groups: list[ChannelGroup] | None = None) -> l
     groups = channel_groups(model) if groups is None else groups
     blocks = [name for name, m in model.named_modules() if isinstance(m, Bottleneck)]
     allowed = {f"{b}.{c}" for b in blocks for c in ("conv1", "conv2")} if blocks else None
-    layers = [ChexLayer(g) for g in groups  # a concatenation's groups (spans) share their readers' tensors
-              if not g.coupled and not g.spans and isinstance(model.get_submodule(g.producers[0]), nn.Conv2d)
+    # a concatenation's groups (spans) share their readers' tensors; CHEX regrows BatchNorm statistics only
+    layers = [ChexLayer(g) for g in groups
+              if not g.coupled and not g.spans and not g.params and isinstance(model.get_submodule(g.producers[0]), nn.Conv2d)
+              and all(isinstance(model.get_submodule(n), nn.modules.batchnorm._BatchNorm) for n in g.norms)
               and (allowed is None or g.producers[0] in allowed)]
     if not layers:
         raise NapkitError(f"{type(model).__name__} has no channels CHEX can prune")

@@ -6,7 +6,9 @@ tensors, and a *layout* saying where that index is: dim 1 of a feature map (``sp
 a token / channels-last tensor (``last``, what a Linear reads and writes). A Conv2d/Linear output
 opens a new space with that layer as its producer; per-channel and elementwise ops (BatchNorm,
 activations, pooling or a mean over H and W, dropout, stochastic depth, flatten, NCHW <-> NHWC
-permutes) keep their input's space; a depthwise conv
+permutes) keep their input's space, and so do a LayerNorm over the channels (the last dim, or dim 1 for a
+``LayerNorm2d``; cut exactly by :mod:`~napkit.structured.norms`) and a product or sum with a parameter
+holding one entry per channel (ConvNeXt's layer scale), both members of the group; a depthwise conv
 (``groups == in == out channels``) keeps it too, its filters removed with their channels; the sum or
 product of two tensors merges their spaces, which couples ResNet's residual stream and a
 squeeze-and-excitation block's scale with the channels it scales (the SE's hidden units are a group
@@ -24,7 +26,7 @@ Spaces touched by anything else are frozen: never pruned. The network input and 
 frozen by nature. Self-attention (:class:`~napkit.structured.attention.HeadAttention`, what napkit runs
 for ``nn.MultiheadAttention``, and :class:`~napkit.structured.attention.WindowHeadAttention` for Swin's)
 makes its heads a group: producer rows per head, the output projection reading ``head_dim`` columns per
-head. The rest (LayerNorm over channels, channel shuffle, other attention,
+head. The rest (an attention's input projection, channel shuffle, other attention,
 shared layers, layers the user ignores) are reported by :func:`trace_groups` and
 named in one warning by :func:`warn_unpruned`, while every other group of the model stays prunable.
 """
@@ -45,6 +47,7 @@ from napkit.errors import NapkitError
 from napkit.layers import PrunableLayer, is_depthwise, is_grouped, is_prunable
 from napkit.structured.attention import ATTENTIONS, HeadAttention
 from napkit.structured.blocks import ResidualBias
+from napkit.structured.norms import channels_first, is_layer_norm, norm_width
 
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
                 nn.Hardsigmoid, nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Hardtanh,
@@ -61,6 +64,7 @@ _QUERIES = {"size", "dim"}  # methods returning shapes (``x.shape`` traces as ge
 
 # layouts of a traced tensor (see the module docstring); OTHER: unknown, only behind a frozen space
 SPATIAL, FLAT, VECTOR, LAST, OTHER = "spatial", "flat", "vector", "last", "other"
+PARAM = "parameter"  # a model parameter read by the graph (get_attr), until it meets a channel space
 HEADS = "heads"  # an attention's per-head outputs, read by its out_proj in blocks of head_dim columns
 # why a space is frozen when nothing is wrong with it
 INPUT, OUTPUT, IGNORED = "network input", "network output", "ignored"
@@ -90,7 +94,9 @@ class ChannelGroup:
     (a grouped conv among the members) splits the channels into g equal blocks: channel ``j * size/g
     + p`` is removed together with the channels at position p of every other block. ``spans`` lists the
     norms and consumers that read a concatenation, ``(name, offset, width)``: the group's channels are
-    their channels ``offset .. offset + size - 1`` of ``width``.
+    their channels ``offset .. offset + size - 1`` of ``width``. ``params`` are parameters with one entry
+    per channel along a dim, ``(name, dim)``, applied to the channels outside any layer (ConvNeXt's layer
+    scale): they lose the removed channels' entries.
     """
 
     id: str
@@ -101,6 +107,7 @@ class ChannelGroup:
     depthwise: tuple[str, ...] = ()
     fold: int = 1
     spans: tuple[tuple[str, int, int], ...] = ()
+    params: tuple[tuple[str, int], ...] = ()
 
     @property
     def coupled(self) -> bool:
@@ -138,6 +145,7 @@ class _Space:
     depthwise: list[str] = field(default_factory=list)
     norms: list[tuple[str, int, int]] = field(default_factory=list)  # (name, offset, width)
     readers: list[tuple[str, str, int, int]] = field(default_factory=list)  # (name, input layout, offset, width)
+    params: list[tuple[str, int]] = field(default_factory=list)  # (parameter name, its channel dim)
     fold: int = 1
 
     def members(self) -> Iterator[str]:
@@ -145,6 +153,7 @@ class _Space:
         yield from self.depthwise
         yield from (name for name, _, _ in self.norms)
         yield from (name for name, *_ in self.readers)
+        yield from (name for name, _ in self.params)
 
 
 @dataclass(frozen=True)
@@ -162,6 +171,8 @@ class _Tracer:
 
     def __init__(self, model: nn.Module) -> None:
         self.modules = dict(model.named_modules())
+        self.parameters = dict(model.named_parameters())
+        self.param_names: dict[int, str] = {}  # space of a get_attr value -> the parameter it reads
         self.spaces: list[_Space] = []
         self.values: dict[fx.Node, _Value] = {}
         self.seen: set[str] = set()
@@ -212,6 +223,7 @@ class _Tracer:
         keep.depthwise += gone.depthwise
         keep.norms += gone.norms
         keep.readers += gone.readers
+        keep.params += gone.params
         keep.fold = math.lcm(keep.fold, gone.fold)
 
     def freeze(self, reason: str, *values: _Value) -> None:
@@ -245,7 +257,11 @@ class _Tracer:
         if node.op == "placeholder":
             return self.new(SPATIAL, frozen=INPUT)
         if node.op == "get_attr":
-            return self.new(OTHER, frozen=f"parameter {node.target}")
+            if str(node.target) not in self.parameters:  # a buffer: a constant napkit does not cut
+                return self.new(OTHER, frozen=f"buffer {node.target}")
+            value = self.new(PARAM)
+            self.param_names[value.space] = str(node.target)
+            return value
         if node.op == "output":
             self.freeze(OUTPUT, *self.inputs(node))
             return None
@@ -334,7 +350,8 @@ class _Tracer:
 
     def _once(self, name: str, module: nn.Module) -> bool:
         """True for a layer with weights seen for the first time; a second call marks a shared layer."""
-        if not isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, ResidualBias, *ATTENTIONS)):
+        if not isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, ResidualBias,
+                                   *ATTENTIONS)):
             return False
         if name in self.seen:
             self.shared.add(name)
@@ -377,7 +394,9 @@ class _Tracer:
         """Elementwise op: a tensor with a scalar keeps its space; two tensors share one space (two
         concatenations of equal parts: part by part)."""
         if len(args) == 1:
-            return args[0]
+            return args[0] if args[0].layout != PARAM else self.unknown(args, name)
+        if len(args) == 2 and PARAM in (args[0].layout, args[1].layout):
+            return self.scaled(*(args if args[1].layout == PARAM else args[::-1]), name)
         if len(args) == 2 and args[0].layout == args[1].layout and args[0].layout != OTHER:
             a, b = args
             if not a.parts and not b.parts:
@@ -388,6 +407,21 @@ class _Tracer:
                     self.union(_Value(pa, a.layout), _Value(pb, b.layout))
                 return a
         return self.unknown(args, name)
+
+    def scaled(self, x: _Value, param: _Value, name: str) -> _Value:
+        """``x`` times (or plus) a parameter with one entry per channel of ``x`` (ConvNeXt's layer scale, a
+        ``[C, 1, 1]`` tensor against ``[N, C, H, W]``): the parameter joins ``x``'s space as a member along
+        the dim that broadcasts against the channels; any other parameter is a constant napkit cannot cut."""
+        size = None if x.parts or x.layout == PARAM else self.size(x)
+        target = self.param_names.get(param.space)
+        shape = self.parameters[target].shape if target else ()
+        channel = {SPATIAL: -3, LAST: -1, VECTOR: -1}.get(x.layout)
+        if size is None or channel is None or len(shape) < -channel or shape[channel] != size or (
+                channel == -3 and any(d != 1 for d in shape[:-3])):
+            return self.unknown([x, param], name)
+        self.space(x).params.append((target, len(shape) + channel))  # type: ignore[arg-type]
+        self.union(x, param)  # an unknown use of the parameter elsewhere freezes these channels too
+        return x
 
     def concatenated(self, node: fx.Node, args: list[_Value]) -> _Value:
         """``torch.cat(xs, 1)`` of feature maps or vectors whose channel counts are known: one part per
@@ -419,11 +453,12 @@ class _Tracer:
 
 class _LeafTracer(fx.Tracer):
     """fx's tracer, keeping a removed block's per-channel shift, a prunable attention and every BatchNorm
-    subclass as one call: a BatchNorm with its activation inside (timm's ``BatchNormAct2d``) is still
-    per-channel, but traced through it shows only an ``F.batch_norm`` on its buffers."""
+    and LayerNorm subclass as one call: a BatchNorm with its activation inside (timm's ``BatchNormAct2d``) is
+    still per-channel, but traced through it shows only an ``F.batch_norm`` on its buffers; a ``LayerNorm2d``
+    would show permutes around an ``F.layer_norm``."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (isinstance(m, (ResidualBias, *ATTENTIONS, nn.modules.batchnorm._BatchNorm))
+        return (isinstance(m, (ResidualBias, *ATTENTIONS, nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
                 or super().is_leaf_module(m, module_qualified_name))
 
 
@@ -461,7 +496,10 @@ def _spatial_mean(node: fx.Node) -> bool | None:
 
 
 def _norm_fits(module: nn.Module, layout: str) -> bool:
-    """A per-channel module (BatchNorm, a removed block's shift) on a layout it indexes by channel."""
+    """A per-channel module (BatchNorm, a removed block's shift, a LayerNorm over the channels) on a layout it
+    indexes by channel."""
+    if is_layer_norm(module):
+        return layout == (SPATIAL if channels_first(module) else LAST)
     return (isinstance(module, (nn.BatchNorm2d, ResidualBias)) and layout == SPATIAL) or (
         isinstance(module, nn.BatchNorm1d) and layout == VECTOR
     )
@@ -549,18 +587,19 @@ def _group(model: nn.Module, space: _Space, order: dict[str, int]) -> ChannelGro
     if len(set(sizes.values())) != 1:
         raise NapkitError(f"coupled layers disagree on their channel count: {sizes}")
     spans = tuple((name, offset, width) for name, *_, offset, width in space.norms + space.readers if width)
-    read = [name for name, *_ in space.norms + space.readers]
+    read = [name for name, *_ in space.norms + space.readers] + [name for name, _ in space.params]
     if len(set(read)) != len(read):
         raise NapkitError(f"layers {sorted({n for n in read if read.count(n) > 1})} read these channels twice")
     for n, offset, width in space.norms:
-        features = model.get_submodule(n).num_features
+        features = norm_width(model.get_submodule(n))
         if features != (width or size) or offset + size > features:
-            raise NapkitError(f"BatchNorm {n!r} has {features} features, expected {width or size}")
+            raise NapkitError(f"norm {n!r} has {features} channels, expected {width or size}")
     consumers = tuple(_consumer(model, name, layout, width or size) for name, layout, _, width in sorted(
         space.readers, key=lambda r: order[r[0]]))
     norms = tuple(sorted((name for name, _, _ in space.norms), key=order.__getitem__))
     depthwise = tuple(sorted(space.depthwise, key=order.__getitem__))
-    return ChannelGroup(producers[0], size, tuple(producers), norms, consumers, depthwise, space.fold, spans)
+    return ChannelGroup(producers[0], size, tuple(producers), norms, consumers, depthwise, space.fold, spans,
+                        tuple(sorted(space.params)))
 
 
 def _consumer(model: nn.Module, name: str, layout: str, channels: int) -> Consumer:

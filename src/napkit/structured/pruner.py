@@ -41,6 +41,7 @@ from napkit.structured.groups import (
 )
 from napkit.structured.importance import ChannelImportance, ScoreInputs, channel_importance_class
 from napkit.structured.latency import LatencyTable
+from napkit.structured.norms import norm_width
 from napkit.structured.surgery import apply
 
 FactorsProvider = Callable[[nn.Module, int], dict[str, KFACFactors]]
@@ -99,9 +100,12 @@ class CostModel:
         index = {n: j for j, n in enumerate(norm_names)}
         self.norm_reads = torch.tensor([index[n] for g in groups for n in g.norms], dtype=torch.long)
         self.norm_read_group = torch.tensor([i for i, g in enumerate(groups) for _ in g.norms], dtype=torch.long)
-        self.norm_features = torch.tensor([m.num_features for m in norms], dtype=torch.long)
-        self.norm_params = torch.tensor([sum(p.numel() for p in m.parameters(recurse=False)) // m.num_features
+        self.norm_features = torch.tensor([norm_width(m) for m in norms], dtype=torch.long)
+        self.norm_params = torch.tensor([sum(p.numel() for p in m.parameters(recurse=False)) // norm_width(m)
                                          for m in norms], dtype=torch.long)
+        members = [(i, model.get_parameter(n)) for i, g in enumerate(groups) for n, _ in g.params]
+        self.param_group = torch.tensor([i for i, _ in members], dtype=torch.long)
+        self.param_unit = torch.tensor([p.numel() // groups[i].size for i, p in members], dtype=torch.long)
         self._blocks(model, groups, names, norm_names)
         zero = torch.zeros(self.num_groups + 1, dtype=torch.long)
         params0, flops0 = self._variable(zero)
@@ -157,7 +161,8 @@ class CostModel:
             0, self.norm_reads, removed[self.norm_read_group])
         shifts = (dead * (self.block_width - removed[self.block_residual])).sum()
         params = (alive[self.layer_block] * r * (c * lay.block + lay.bias)).sum() + (
-            alive[self.norm_block] * self.norm_params * features).sum() + shifts
+            alive[self.norm_block] * self.norm_params * features).sum() + shifts + (
+            self.param_unit * (self.sizes[self.param_group] - removed[self.param_group])).sum()
         return int(params), int((alive[self.layer_block] * lay.flops_unit * r * c).sum())
 
     def cost(self, removed: Tensor) -> tuple[int, int]:

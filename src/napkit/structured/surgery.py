@@ -18,6 +18,7 @@ from napkit.layers import modes_kept
 from napkit.structured.attention import ATTENTIONS
 from napkit.structured.blocks import INNER, block_of, bottlenecks, skip_block, skipped_blocks
 from napkit.structured.groups import ChannelGroup, channel_groups, find_group, removed_inputs, rows
+from napkit.structured.norms import cut_layer_norm, norm_width
 
 Plan = Mapping[str, Tensor | Sequence[int]]
 
@@ -54,7 +55,11 @@ def _slice_depthwise(conv: nn.Conv2d, keep: Tensor) -> None:
 
 def _slice_norm(norm: nn.Module, keep: Tensor) -> None:
     """Keep entries ``keep`` of a per-channel module (BatchNorm, a skipped block's shift): every
-    parameter and every per-channel buffer (running statistics)."""
+    parameter and every per-channel buffer (running statistics); a LayerNorm keeps normalising by its
+    first width (:mod:`~napkit.structured.norms`)."""
+    if isinstance(norm, nn.LayerNorm):
+        cut_layer_norm(norm, keep)
+        return
     for name, p in list(norm.named_parameters(recurse=False)):
         _set_param(norm, name, _take(p, keep))
     for name, b in list(norm.named_buffers(recurse=False)):
@@ -120,6 +125,10 @@ def _cut(model: nn.Module, chosen: Sequence[tuple[ChannelGroup, Tensor]]) -> Non
     """
     blocks = {c.name: c.block for group, _ in chosen for c in group.consumers}  # the rest are norms
     for group, _ in chosen:  # check every reader against the model before the first cut
+        for name, dim in group.params:
+            if model.get_parameter(name).shape[dim] != group.size:
+                raise NapkitError(f"channel group {group.id!r} is stale: parameter {name!r} has "
+                                  f"{model.get_parameter(name).shape[dim]} channels, the group says {group.size}")
         for name in (*group.norms, *(c.name for c in group.consumers)):
             have = _reader_channels(model.get_submodule(name), blocks.get(name))
             if have != group.width(name):
@@ -130,6 +139,9 @@ def _cut(model: nn.Module, chosen: Sequence[tuple[ChannelGroup, Tensor]]) -> Non
             _slice_rows(model.get_submodule(name), idx)
         for name in group.depthwise:
             _slice_depthwise(model.get_submodule(name), idx)
+        for name, dim in group.params:
+            owner, _, attr = name.rpartition(".")
+            _set_param(model.get_submodule(owner), attr, _take(model.get_parameter(name), idx, dim))
     for name, gone in removed_inputs(chosen).items():
         keep, module = torch.nonzero(~gone).flatten(), model.get_submodule(name)
         if name in blocks:
@@ -141,7 +153,7 @@ def _cut(model: nn.Module, chosen: Sequence[tuple[ChannelGroup, Tensor]]) -> Non
 def _reader_channels(module: nn.Module, block: int | None) -> int:
     """Channels a norm (``block`` None) or consumer reads now: features, conv input channels or column blocks."""
     if block is None:
-        return int(module.num_features)
+        return norm_width(module)
     if isinstance(module, nn.Conv2d):
         return module.in_channels
     return module.weight.shape[1] // block

@@ -1,0 +1,96 @@
+"""LayerNorm over channels and per-channel parameters: members of a group, cut so the model equals the masked one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_structured import forward, masked
+from test_zoo import randomize, tiny
+from torch import Tensor, nn
+from torchvision.models.convnext import LayerNorm2d
+
+from napkit.structured import apply, channel_counts, slim_to
+from napkit.structured.groups import trace_groups
+from napkit.structured.norms import KeptLayerNorm, KeptLayerNorm2d, cut_layer_norm
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_cut_layer_norm_equals_the_norm_over_zeroed_channels(first: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    norm = (LayerNorm2d(7) if first else nn.LayerNorm(7)).double()
+    norm.weight.data, norm.bias.data = (torch.randn(7, generator=gen, dtype=torch.float64) for _ in range(2))
+    dense = copy.deepcopy(norm)
+    x = torch.randn(2, 7, 3, 3, generator=gen, dtype=torch.float64)
+    x, dim = (x, 1) if first else (x.permute(0, 2, 3, 1), -1)
+    # two cuts: channels 1 and 4, then (of the 5 left) positions 1 and 3; the divisor stays 7
+    for keep, kept in ((torch.tensor([0, 2, 3, 5, 6]), [0, 2, 3, 5, 6]), (torch.tensor([0, 2, 4]), [0, 3, 6])):
+        cut_layer_norm(norm, keep)
+        assert isinstance(norm, KeptLayerNorm2d if first else KeptLayerNorm) and norm.full == 7
+        index = torch.tensor(kept)
+        zeroed = torch.zeros_like(x).index_copy(dim, index, x.index_select(dim, index))
+        with torch.no_grad():
+            got, want = norm(x.index_select(dim, index)), dense(zeroed).index_select(dim, index)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_convnext_stream_is_one_group_with_layer_norms_and_layer_scales() -> None:
+    tracing = trace_groups(tiny("convnext"))
+    assert list(tracing.unpruned) == ["classifier.2"]  # only the logits
+    stem = {g.id: g for g in tracing.groups}["features.0.0"]
+    assert stem.producers == ("features.0.0", "features.1.0.block.5", "features.1.1.block.5")
+    assert stem.norms == ("features.0.1", "features.1.0.block.2", "features.1.1.block.2", "features.2.0")
+    assert stem.params == (("features.1.0.layer_scale", 0), ("features.1.1.layer_scale", 0))
+    assert stem.depthwise == ("features.1.0.block.0", "features.1.1.block.0")
+
+
+def test_pruned_convnext_rebuilds_and_prunes_again() -> None:
+    gen = torch.Generator().manual_seed(4)
+    model = tiny("convnext").double().eval()
+    randomize(model, gen)
+    once = apply(model, {"features.0.0": torch.tensor([0, 2, 3, 5, 6, 7])})
+    assert once.features[1][0].layer_scale.shape == (6, 1, 1)
+    rebuilt = slim_to(tiny("convnext").double(), channel_counts(once))
+    rebuilt.load_state_dict(once.state_dict())
+    x = torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64)
+    assert torch.equal(forward(rebuilt, x), forward(once, x))
+    twice = apply(once, {"features.0.0": torch.tensor([1, 4, 5])})  # channels 2, 6, 7 of the dense stem
+    plan = {"features.0.0": torch.tensor([2, 6, 7])}
+    stem = [g for g in trace_groups(model).groups if g.id == "features.0.0"]
+    torch.testing.assert_close(forward(twice, x), forward(masked(model, stem, plan), x),
+                               rtol=1e-10, atol=1e-12)
+
+
+class _Scaled(nn.Module):
+    """A per-channel scale and a position-like bias (parameters), one parameter also used otherwise, a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 5, 1), nn.Conv2d(3, 6, 1)
+        self.scale = nn.Parameter(torch.rand(4, 1, 1) + 0.5)
+        self.shift = nn.Parameter(torch.randn(1, 1, 1, 5))
+        self.odd = nn.Parameter(torch.rand(6, 1, 1))
+        self.register_buffer("fixed", torch.rand(4, 1, 1))
+        self.fa, self.fb, self.fc = nn.Linear(4, 2), nn.Linear(5, 2), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.a(x) * self.scale * self.fixed
+        b = (self.b(x).permute(0, 2, 3, 1) + self.shift).permute(0, 3, 1, 2)
+        c = self.c(x) * self.odd + self.odd.sum()
+        return self.fa(a.mean((2, 3))) + self.fb(b.mean((2, 3))) + self.fc(c.mean((2, 3)))
+
+
+def test_parameters_join_the_channels_they_scale_or_freeze_them() -> None:
+    model = _Scaled().double()
+    tracing = trace_groups(model)
+    groups = {g.id: g for g in tracing.groups}
+    assert groups["b"].params == (("shift", 3),)
+    assert "c" in tracing.unpruned  # self.odd is also summed: a use napkit cannot cut
+    assert "a" in tracing.unpruned  # also times a buffer: a constant napkit does not cut
+    plan = {"b": torch.tensor([0, 3])}
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    pruned = apply(model, plan, groups=[groups["b"]])
+    assert pruned.shift.shape == (1, 1, 1, 2)
+    torch.testing.assert_close(forward(pruned, x), forward(masked(model, [groups["b"]], plan), x), rtol=1e-10,
+                               atol=1e-12)
