@@ -165,17 +165,17 @@ def test_concatenation_parts_are_groups_at_their_offsets() -> None:
 
 
 def test_unsupported_coupling_is_one_warning_naming_the_layers() -> None:
-    model = tiny("swin")  # the residual stream runs into the attentions' input projections
+    model = tiny("shufflenet_v2_x0_5")  # channel shuffle: a view of the concatenated branches
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pruner = StructuredPruner("l1", model, input_shape=(1, 3, 32, 32), step_fraction=0.5)
     found = [w for w in caught if issubclass(w.category, UnprunedLayersWarning)]
     assert len(found) == 1
     message = str(found[0].message)
-    assert "attention input projection features.1.0.attn" in message and "features.0.0" in message
-    assert pruner.unpruned and "features.0.0" in pruner.unpruned
-    pruned = pruner(model, 0)  # the MLP hidden units still go
-    assert pruned.features[1][0].mlp[0].out_features < 32
+    assert ".view() at view" in message and "stage2.0.branch2.5" in message
+    assert pruner.unpruned and "stage2.0.branch2.5" in pruner.unpruned
+    pruned = pruner(model, 0)  # the branches' inner channels still go
+    assert pruned.stage2[1].branch2[0].out_channels < model.stage2[1].branch2[0].out_channels
     assert forward(pruned, torch.randn(1, 3, 32, 32)).shape == (1, 5)
 
 

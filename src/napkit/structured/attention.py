@@ -20,7 +20,9 @@ napkit's builders do it on build), except inside torch's ``nn.Transformer*Layer`
 torchvision's Swin (V1) window attention has the same trouble (``qkv`` and ``proj`` applied through their
 weights, the head width taken from the input width): :class:`WindowHeadAttention` is the same module, same
 state, computing the same windows, shifts and relative position bias, with ``qkv`` and ``proj`` called as
-modules and a fixed ``head_dim``; a head also owns its column of the relative position bias table.
+modules and a fixed ``head_dim``; a head also owns its column of the relative position bias table. Its
+``qkv`` is an ordinary consumer of the tokens' channels (with K-FAC factors of its own), so the residual
+stream it reads can be pruned too.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class HeadAttention(nn.Module):
     ``batch_first``, as ``nn.MultiheadAttention``)."""
 
     output = "out_proj"  # the layer that reads the heads
+    input: str | None = None  # the input projection runs through its weights: no layer reads the tokens
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, *, bias: bool = True, dropout: float = 0.0,
                  batch_first: bool = False) -> None:
@@ -123,6 +126,7 @@ class WindowHeadAttention(ShiftedWindowAttention):
     """torchvision's ``ShiftedWindowAttention`` (Swin V1) with prunable heads of ``head_dim`` (module docstring)."""
 
     output = "proj"
+    input = "qkv"  # a Linear called as a module: a consumer of the tokens' channels
     head_dim: int
 
     @classmethod
@@ -235,6 +239,13 @@ def prunable_attention(model: nn.Module) -> nn.Module:
         elif not isinstance(parent, _TORCH_LAYERS):
             setattr(parent, child, HeadAttention.from_torch(module))
     return model
+
+
+def attention_input_of(model: nn.Module, name: str) -> str | None:
+    """The prunable attention whose input projection layer ``name`` is (Swin's ``attn.qkv``), else None."""
+    owner, _, child = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else None
+    return owner if isinstance(module, ATTENTIONS) and module.input == child else None
 
 
 def _plain(mha: nn.MultiheadAttention) -> bool:

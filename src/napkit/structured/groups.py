@@ -320,7 +320,8 @@ class _Tracer:
     def attention(self, node: fx.Node, name: str, module: nn.Module, args: list[_Value]) -> _Value:
         """Self-attention: its heads are a group of their own (producer rows: each head's query, key and value
         rows; consumer: the output projection's column blocks), its output a new space produced by that
-        projection. The input projection's columns are not cut: the tokens it reads stay frozen. Only its
+        projection. An input projection called as a layer (Swin's ``qkv``) is a consumer of the tokens'
+        channels; one applied through its weights (``HeadAttention``'s) freezes them. Only its
         prunable form counts (a :class:`HeadAttention`: unmasked self-attention with ``need_weights=False``);
         any other call freezes it."""
         kwargs, output = node.kwargs, f"{name}.{module.output}"
@@ -332,7 +333,10 @@ class _Tracer:
             plain = len(node.args) == 1 and not kwargs
         if not plain:
             return self.unknown(args, f"attention {name} called with masks, weights or as cross-attention")
-        self.freeze(f"attention input projection {name}", args[0])
+        if module.input is None:
+            self.freeze(f"attention input projection {name}", args[0])
+        else:
+            self.read(args[0], f"{name}.{module.input}", LAST)
         heads = self.new(HEADS, producer=name)
         self.read(heads, output, HEADS)
         if isinstance(module, HeadAttention):

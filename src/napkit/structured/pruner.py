@@ -26,6 +26,7 @@ from napkit.curvature import KFACFactors
 from napkit.errors import NapkitError, unknown_choice
 from napkit.pruning.allocation import CannotPruneFurther
 from napkit.pruning.compensation import column_removal_update, quadratic_increase
+from napkit.structured.attention import attention_input_of
 from napkit.structured.blocks import BRANCH, INNER, block_of, bottlenecks
 from napkit.structured.consumers import consumer_blocks
 from napkit.structured.flops import module_flops
@@ -70,6 +71,7 @@ class _Layers:
     fold: Tensor  # conv groups: ``fold`` removed input channels take one column block from each row
     bias: Tensor
     flops_unit: Tensor  # FLOPs per (row, input channel) pair
+    flops_row: Tensor  # FLOPs per row whatever its inputs (an attention head's attention maps)
 
 
 class CostModel:
@@ -77,7 +79,9 @@ class CostModel:
 
     Emptying a bottleneck's conv1 or conv2 group removes the block's branch (conv1-3, bn1-3) and adds
     its per-channel shift, as :func:`~napkit.structured.surgery.apply` does. A layer or BatchNorm that
-    reads a concatenation loses the channels of every group it reads.
+    reads a concatenation loses the channels of every group it reads. An attention whose input projection
+    reads a group is one layer: heads (rows) times input channels for the projection, plus its attention
+    maps per head.
     """
 
     def __init__(
@@ -87,14 +91,22 @@ class CostModel:
         producer: dict[str, int] = {}
         block: dict[str, int] = {}
         reads: list[tuple[str, int]] = []
+        projections: dict[str, str] = {}  # attention -> its input projection, when that reads a group
         for i, g in enumerate(groups):
             for p in g.producers + g.depthwise:  # a depthwise conv: rows of the group, one fixed input unit
                 producer[p] = i
             for c in g.consumers:
-                reads.append((c.name, i))
-                block[c.name] = c.block
+                attention = attention_input_of(model, c.name)
+                if attention is None:
+                    reads.append((c.name, i))
+                    block[c.name] = c.block
+                    continue
+                projections[attention] = c.name  # its weight per head: 3 * head_dim columns per input channel
+                reads.append((attention, i))
+                block[attention] = model.get_submodule(attention).weight[0].numel() // in_channels(
+                    model.get_submodule(c.name), c.block)
         names = list(dict.fromkeys([*producer, *(n for n, _ in reads)]))
-        self.layers = self._layers(model, names, producer, reads, block, flops[1], len(groups))
+        self.layers = self._layers(model, names, producer, reads, block, flops[1], len(groups), projections)
         norm_names = list(dict.fromkeys(n for g in groups for n in g.norms))
         norms = [model.get_submodule(n) for n in norm_names]
         index = {n: j for j, n in enumerate(norm_names)}
@@ -128,7 +140,7 @@ class CostModel:
     @staticmethod
     def _layers(
         model: nn.Module, names: list[str], producer: dict[str, int], reads: list[tuple[str, int]],
-        block: dict[str, int], per_layer: dict[str, int], num_groups: int,
+        block: dict[str, int], per_layer: dict[str, int], num_groups: int, projections: dict[str, str],
     ) -> _Layers:
         layers = [model.get_submodule(n) for n in names]
         index = {n: j for j, n in enumerate(names)}
@@ -140,13 +152,15 @@ class CostModel:
 
         r = longs([rows(layer) for layer in layers])
         c = longs([in_channels(layer, b) for layer, b in zip(layers, blocks)])
+        total = longs([per_layer[n] for n in names])
+        bilinear = longs([per_layer[projections.get(n, n)] for n in names])
         return _Layers(
             producer=longs([producer.get(n, num_groups) for n in names]),
             reads=longs([index[n] for n, _ in reads]),
             read_group=longs([i for _, i in reads]),
             rows=r, channels=c, block=longs(blocks), fold=longs([getattr(layer, "groups", 1) for layer in layers]),
             bias=longs([0 if layer.bias is None else layer.bias[0].numel() for layer in layers]),  # per row
-            flops_unit=longs([per_layer[n] for n in names]) // (r * c),
+            flops_unit=bilinear // (r * c), flops_row=(total - bilinear) // r,
         )
 
     def _variable(self, removed: Tensor) -> tuple[int, int]:
@@ -163,7 +177,7 @@ class CostModel:
         params = (alive[self.layer_block] * r * (c * lay.block + lay.bias)).sum() + (
             alive[self.norm_block] * self.norm_params * features).sum() + shifts + (
             self.param_unit * (self.sizes[self.param_group] - removed[self.param_group])).sum()
-        return int(params), int((alive[self.layer_block] * lay.flops_unit * r * c).sum())
+        return int(params), int((alive[self.layer_block] * r * (lay.flops_unit * c + lay.flops_row)).sum())
 
     def cost(self, removed: Tensor) -> tuple[int, int]:
         """(params, FLOPs) after removing ``removed[g]`` channels of group g."""
