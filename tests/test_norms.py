@@ -94,3 +94,52 @@ def test_parameters_join_the_channels_they_scale_or_freeze_them() -> None:
     assert pruned.shift.shape == (1, 1, 1, 2)
     torch.testing.assert_close(forward(pruned, x), forward(masked(model, [groups["b"]], plan), x), rtol=1e-10,
                                atol=1e-12)
+
+
+def _trained_convnext() -> tuple[nn.Module, Tensor, Tensor]:
+    """A small ConvNeXt trained briefly on the embedded digits (upsampled to 32 px), and its validation split."""
+    from sklearn.datasets import load_digits
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(0)
+    digits = load_digits()
+    x = torch.nn.functional.interpolate(torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0, size=32,
+                                        mode="bilinear").repeat(1, 3, 1, 1)
+    y = torch.tensor(digits.target)
+    model = ConvNeXt([CNBlockConfig(24, 48, 2), CNBlockConfig(48, None, 2)], num_classes=10, layer_scale=1.0)
+    opt = torch.optim.AdamW(model.parameters(), 2e-3)
+    for _ in range(8):
+        for idx in torch.randperm(1500).split(64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval(), x[1500:], y[1500:]
+
+
+def test_layer_norm_statistics_shift_is_second_order_on_a_trained_convnext() -> None:
+    """NAP's quadratic model prices a stream channel's removal at its consumers' inputs; the cut also moves every
+    LayerNorm's statistics. Removing each channel with (masked model) and without that shift (consumers read 0,
+    the stream untouched) must rank the channels alike, and the shift must not dominate the increase."""
+    model, x, y = _trained_convnext()
+
+    def loss(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(m(x), y))
+
+    base = loss(model)
+    assert base < 0.6  # trained: the comparison means something
+    group = {g.id: g for g in trace_groups(model).groups}["features.0.0"]
+    consumers_only, shifted = [], []
+    for c in range(group.size):
+        hooks = [model.get_submodule(k.name).register_forward_pre_hook(
+            lambda m, inp, c=c: (inp[0].index_fill(1 if isinstance(m, nn.Conv2d) else -1, torch.tensor([c]), 0.0),))
+            for k in group.consumers]
+        consumers_only.append(loss(model) - base)
+        for h in hooks:
+            h.remove()
+        keep = torch.tensor([k for k in range(group.size) if k != c])
+        shifted.append(loss(masked(model, [group], {group.id: keep})) - base)
+    a, b = torch.tensor(consumers_only), torch.tensor(shifted)
+    ranks = torch.stack([a.argsort().argsort(), b.argsort().argsort()]).double()
+    assert torch.corrcoef(ranks)[0, 1] > 0.8
+    assert 0.5 < float(b.mean() / a.mean()) < 2.0
