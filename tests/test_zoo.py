@@ -28,6 +28,7 @@ from napkit.structured import (
 )
 from napkit.structured.attention import ATTENTIONS, prunable_attention
 from napkit.structured.groups import UnprunedLayersWarning, trace_groups
+from napkit.structured.importance import NapChannels, ScoreInputs
 from napkit.structured.zoo import check_model, main
 
 # one model per family at the zoo's input sizes (ViT a 2x2 patch grid, the rest 64 px); Swin needs 224 px
@@ -281,6 +282,10 @@ def test_nap_scores_the_new_groups(name: str) -> None:
     pruned = pruner(model, 1)
     assert count_params(pruned) < count_params(model)
     assert forward(pruned, x[:2]).shape == (2, 5)
+    if name in ("convnext", "swin"):  # a LayerNorm-coupled stream is scored from its consumers (Swin's qkv too)
+        stream = [g for g in pruner.dense_groups if any(isinstance(model.get_submodule(n), nn.LayerNorm) for n in g.norms)]
+        scores = NapChannels()(model, stream, ScoreInputs(factors=factors))
+        assert stream and all(torch.isfinite(scores[g.id]).all() and scores[g.id].gt(0).all() for g in stream)
     if name == "resnext":  # some grouped conv lost input channels (NAP ranked them on per-group factors)
         grouped = {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
         assert any(pruned.get_submodule(n).weight.shape != shape for n, shape in grouped.items())
