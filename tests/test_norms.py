@@ -63,22 +63,25 @@ def test_pruned_convnext_rebuilds_and_prunes_again() -> None:
 
 
 class _Scaled(nn.Module):
-    """A per-channel scale and a position-like bias (parameters), one parameter also used otherwise, a buffer."""
+    """A per-channel scale, a position-like bias and a viewed scale (parameters), one parameter also used
+    otherwise, a buffer."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 5, 1), nn.Conv2d(3, 6, 1)
+        self.a, self.b, self.c, self.d = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 5, 1), nn.Conv2d(3, 6, 1), nn.Conv2d(3, 3, 1)
         self.scale = nn.Parameter(torch.rand(4, 1, 1) + 0.5)
         self.shift = nn.Parameter(torch.randn(1, 1, 1, 5))
         self.odd = nn.Parameter(torch.rand(6, 1, 1))
+        self.gamma = nn.Parameter(torch.rand(3) + 0.5)  # timm's layer scale: a vector viewed as [1, C, 1, 1]
         self.register_buffer("fixed", torch.rand(4, 1, 1))
-        self.fa, self.fb, self.fc = nn.Linear(4, 2), nn.Linear(5, 2), nn.Linear(6, 2)
+        self.fa, self.fb, self.fc, self.fd = nn.Linear(4, 2), nn.Linear(5, 2), nn.Linear(6, 2), nn.Linear(3, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         a = self.a(x) * self.scale * self.fixed
         b = (self.b(x).permute(0, 2, 3, 1) + self.shift).permute(0, 3, 1, 2)
         c = self.c(x) * self.odd + self.odd.sum()
-        return self.fa(a.mean((2, 3))) + self.fb(b.mean((2, 3))) + self.fc(c.mean((2, 3)))
+        d = self.d(x).mul(self.gamma.reshape(1, -1, 1, 1))
+        return self.fa(a.mean((2, 3))) + self.fb(b.mean((2, 3))) + self.fc(c.mean((2, 3))) + self.fd(d.mean((2, 3)))
 
 
 def test_parameters_join_the_channels_they_scale_or_freeze_them() -> None:
@@ -86,14 +89,15 @@ def test_parameters_join_the_channels_they_scale_or_freeze_them() -> None:
     tracing = trace_groups(model)
     groups = {g.id: g for g in tracing.groups}
     assert groups["b"].params == (("shift", 3),)
+    assert groups["d"].params == (("gamma", 0),)
     assert "c" in tracing.unpruned  # self.odd is also summed: a use napkit cannot cut
     assert "a" in tracing.unpruned  # also times a buffer: a constant napkit does not cut
-    plan = {"b": torch.tensor([0, 3])}
+    plan = {"b": torch.tensor([0, 3]), "d": torch.tensor([1, 2])}
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
-    pruned = apply(model, plan, groups=[groups["b"]])
-    assert pruned.shift.shape == (1, 1, 1, 2)
-    torch.testing.assert_close(forward(pruned, x), forward(masked(model, [groups["b"]], plan), x), rtol=1e-10,
-                               atol=1e-12)
+    chosen = [groups["b"], groups["d"]]
+    pruned = apply(model, plan, groups=chosen)
+    assert pruned.shift.shape == (1, 1, 1, 2) and pruned.gamma.shape == (2,)
+    torch.testing.assert_close(forward(pruned, x), forward(masked(model, chosen, plan), x), rtol=1e-10, atol=1e-12)
 
 
 def _trained_convnext() -> tuple[nn.Module, Tensor, Tensor]:

@@ -173,6 +173,7 @@ class _Tracer:
         self.modules = dict(model.named_modules())
         self.parameters = dict(model.named_parameters())
         self.param_names: dict[int, str] = {}  # space of a get_attr value -> the parameter it reads
+        self.param_views: dict[int, tuple[int, ...]] = {}  # space of a reshaped parameter -> its new shape
         self.spaces: list[_Space] = []
         self.values: dict[fx.Node, _Value] = {}
         self.seen: set[str] = set()
@@ -374,6 +375,8 @@ class _Tracer:
             return args[0]
         if target in _BINARY or (method and target in ("add", "add_", "mul", "mul_")):
             return self.binary(args, _describe(node))
+        if method and target in ("reshape", "view") and len(args) == 1 and args[0].layout == PARAM:
+            return self.param_view(node, args[0])
         if (target is torch.permute or target == "permute") and len(args) == 1:
             layout = _PERMUTED.get((args[0].layout, _dims(node)))
             if layout is not None and not args[0].parts:  # NCHW <-> NHWC: the channels move to / from the last dim
@@ -418,14 +421,34 @@ class _Tracer:
         the dim that broadcasts against the channels; any other parameter is a constant napkit cannot cut."""
         size = None if x.parts or x.layout == PARAM else self.size(x)
         target = self.param_names.get(param.space)
-        shape = self.parameters[target].shape if target else ()
+        stored = tuple(self.parameters[target].shape) if target else ()
+        shape = self.param_views.get(param.space, stored)
         channel = {SPATIAL: -3, LAST: -1, VECTOR: -1}.get(x.layout)
         if size is None or channel is None or len(shape) < -channel or shape[channel] != size or (
                 channel == -3 and any(d != 1 for d in shape[:-3])):
             return self.unknown([x, param], name)
-        self.space(x).params.append((target, len(shape) + channel))  # type: ignore[arg-type]
+        # a view keeps the entries' order: the channel dim of the stored parameter is its one dim above 1
+        dim = len(shape) + channel if param.space not in self.param_views else _only_dim(stored)
+        self.space(x).params.append((target, dim))  # type: ignore[arg-type]
         self.union(x, param)  # an unknown use of the parameter elsewhere freezes these channels too
         return x
+
+    def param_view(self, node: fx.Node, param: _Value) -> _Value:
+        """``p.reshape(1, -1, 1, 1)`` of a parameter with one dim above 1 (timm's layer scale ``gamma``): the same
+        entries along another dim; any other view is a use napkit cannot cut."""
+        target = self.param_names.get(param.space)
+        stored = tuple(self.parameters[target].shape) if target else ()
+        rest = node.args[1:]
+        shape = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        numel = math.prod(stored)
+        if (not stored or _only_dim(stored) is None or not all(isinstance(d, int) for d in shape)
+                or sorted(d for d in shape if d != 1) not in ([numel], [-1])):
+            return self.unknown([param], _describe(node))
+        view = self.new(PARAM)
+        self.param_names[view.space] = target  # type: ignore[assignment]
+        self.param_views[view.space] = tuple(numel if d == -1 else d for d in shape)
+        self.union(view, param)
+        return view
 
     def concatenated(self, node: fx.Node, args: list[_Value]) -> _Value:
         """``torch.cat(xs, 1)`` of feature maps or vectors whose channel counts are known: one part per
@@ -471,6 +494,12 @@ def _describe(node: fx.Node) -> str:
     target = node.target
     op = f".{target}()" if node.op == "call_method" else getattr(target, "__name__", str(target))
     return f"{op} at {node.name}"
+
+
+def _only_dim(shape: tuple[int, ...]) -> int | None:
+    """The one dim above 1 of ``shape`` (0 for a 1-D shape), None for several."""
+    dims = [i for i, d in enumerate(shape) if d != 1]
+    return dims[0] if len(dims) == 1 else (0 if len(shape) == 1 else None)
 
 
 def _flattens_channels(node: fx.Node) -> bool:
