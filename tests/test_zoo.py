@@ -120,7 +120,13 @@ def test_couplings_land_in_the_right_groups() -> None:
     assert [c.name for c in stem.consumers] == ["features.1.block.1.fc1", "features.1.block.2.0"]
     assert groups["features.1.block.1.fc1"].consumers[0].name == "features.1.block.1.fc2"  # SE hidden units
     vit = {g.id: g for g in trace_groups(tiny("vit")).groups}
-    assert list(vit) == [f"encoder.layers.encoder_layer_{i}.{m}" for i in (0, 1) for m in ("self_attention", "mlp.0")]
+    assert list(vit) == ["conv_proj"] + [f"encoder.layers.encoder_layer_{i}.{m}" for i in (0, 1)
+                                         for m in ("self_attention", "mlp.0")]
+    stream = vit["conv_proj"]  # the residual stream: patches, class token, position embedding, every block's writes
+    assert stream.params == (("class_token", 2), ("encoder.pos_embedding", 2))
+    assert [c.name for c in stream.consumers][:2] == ["encoder.layers.encoder_layer_0.self_attention.in_proj",
+                                                     "encoder.layers.encoder_layer_0.mlp.0"]
+    assert stream.consumers[-1].name == "heads.head" and len(stream.norms) == 5
     assert vit["encoder.layers.encoder_layer_0.mlp.0"].consumers[0].block == 1
 
 
@@ -282,7 +288,7 @@ def test_nap_scores_the_new_groups(name: str) -> None:
     pruned = pruner(model, 1)
     assert count_params(pruned) < count_params(model)
     assert forward(pruned, x[:2]).shape == (2, 5)
-    if name in ("convnext", "swin"):  # a LayerNorm-coupled stream is scored from its consumers (Swin's qkv too)
+    if name in ("convnext", "swin", "vit"):  # a LayerNorm-coupled stream is scored from its consumers (qkv too)
         stream = [g for g in pruner.dense_groups if any(isinstance(model.get_submodule(n), nn.LayerNorm) for n in g.norms)]
         scores = NapChannels()(model, stream, ScoreInputs(factors=factors))
         assert stream and all(torch.isfinite(scores[g.id]).all() and scores[g.id].gt(0).all() for g in stream)

@@ -3,8 +3,8 @@
 torch's ``nn.MultiheadAttention`` keeps its heads inside one fused input projection and applies its output
 projection through the weights, never as a module: neither the tracer nor K-FAC sees a head. :class:`HeadAttention`
 holds the same parameters under the same state-dict names (``in_proj_weight``, ``in_proj_bias``,
-``out_proj``), computes the same function, and calls ``out_proj`` as a module, so the output projection gets
-K-FAC factors. A head is a channel of a group of its own: its ``head_dim`` rows of each of the query, key and
+``out_proj``), computes the same function, and calls both projections as modules (``in_proj``, ``out_proj``),
+so they get K-FAC factors and the input projection is a consumer of the tokens' channels. A head is a channel of a group of its own: its ``head_dim`` rows of each of the query, key and
 value projections (the "producer rows", seen per head through :attr:`HeadAttention.weight`) and the
 ``head_dim`` columns of ``out_proj`` that read its output (the consumer's column block). Removing a head
 removes both; the attention scale ``head_dim ** -0.5`` does not change. The attention maps are explicit
@@ -20,9 +20,7 @@ napkit's builders do it on build), except inside torch's ``nn.Transformer*Layer`
 torchvision's Swin (V1) window attention has the same trouble (``qkv`` and ``proj`` applied through their
 weights, the head width taken from the input width): :class:`WindowHeadAttention` is the same module, same
 state, computing the same windows, shifts and relative position bias, with ``qkv`` and ``proj`` called as
-modules and a fixed ``head_dim``; a head also owns its column of the relative position bias table. Its
-``qkv`` is an ordinary consumer of the tokens' channels (with K-FAC factors of its own), so the residual
-stream it reads can be pruned too.
+modules and a fixed ``head_dim``; a head also owns its column of the relative position bias table.
 """
 
 from __future__ import annotations
@@ -40,17 +38,29 @@ class HeadAttention(nn.Module):
     ``batch_first``, as ``nn.MultiheadAttention``)."""
 
     output = "out_proj"  # the layer that reads the heads
-    input: str | None = None  # the input projection runs through its weights: no layer reads the tokens
+    input = "in_proj"  # the layer that reads the tokens
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, *, bias: bool = True, dropout: float = 0.0,
                  batch_first: bool = False) -> None:
         super().__init__()
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
         self.dropout, self.batch_first = dropout, batch_first
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * num_heads * head_dim, embed_dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * num_heads * head_dim)) if bias else None
+        self.in_proj = nn.Linear(embed_dim, 3 * num_heads * head_dim, bias=bias)
         self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
-        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.xavier_uniform_(self.in_proj.weight)
+        if bias:
+            nn.init.zeros_(self.in_proj.bias)
+        self.register_state_dict_post_hook(_torch_names)
+        self.register_load_state_dict_pre_hook(_our_names)
+
+    @property
+    def in_proj_weight(self) -> Tensor:
+        """``nn.MultiheadAttention``'s name for the input projection's weight (state dicts use it too)."""
+        return self.in_proj.weight
+
+    @property
+    def in_proj_bias(self) -> Tensor | None:
+        return self.in_proj.bias
 
     @classmethod
     def from_torch(cls, mha: nn.MultiheadAttention) -> HeadAttention:
@@ -62,7 +72,7 @@ class HeadAttention(nn.Module):
         new.load_state_dict(mha.state_dict())  # copied in the source's dtype: bit for bit
         mine = dict(new.named_parameters())
         for name, p in mha.named_parameters():
-            mine[name].requires_grad_(p.requires_grad)
+            mine[_RENAMED.get(name, name)].requires_grad_(p.requires_grad)
         return new.train(mha.training)
 
     @property
@@ -82,9 +92,10 @@ class HeadAttention(nn.Module):
 
     def keep_heads(self, keep: Tensor) -> None:
         """Keep heads ``keep`` (sorted indices) of the input projection; ``out_proj``'s columns are its consumer's."""
-        self.in_proj_weight = _head_rows(self.in_proj_weight, self.num_heads, keep)
-        if self.in_proj_bias is not None:
-            self.in_proj_bias = _head_rows(self.in_proj_bias, self.num_heads, keep)
+        self.in_proj.weight = _head_rows(self.in_proj.weight, self.num_heads, keep)
+        if self.in_proj.bias is not None:
+            self.in_proj.bias = _head_rows(self.in_proj.bias, self.num_heads, keep)
+        self.in_proj.out_features = self.in_proj.weight.shape[0]
         self.num_heads = len(keep)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
@@ -98,7 +109,7 @@ class HeadAttention(nn.Module):
                                is_causal)
         x = query if self.batch_first else query.transpose(0, 1)
         batch, tokens = x.shape[0], x.shape[1]
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = self.in_proj(x)
         qkv = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         scores = (qkv[0] * self.head_dim ** -0.5) @ qkv[1].transpose(-2, -1)
         attention = F.dropout(scores.softmax(-1), self.dropout, self.training)
@@ -186,6 +197,24 @@ class WindowHeadAttention(ShiftedWindowAttention):
         if sum(shift) > 0:
             out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
         return out[:, :height, :width, :].contiguous()
+
+
+_RENAMED = {"in_proj_weight": "in_proj.weight", "in_proj_bias": "in_proj.bias"}  # torch's name -> ours
+
+
+def _torch_names(module: nn.Module, state: dict[str, Tensor], prefix: str, local_metadata: dict) -> None:
+    """State-dict hook: save the input projection under ``nn.MultiheadAttention``'s names, in its place."""
+    names = {prefix + ours: prefix + theirs for theirs, ours in _RENAMED.items()}
+    items = list(state.items())
+    state.clear()
+    state.update((names.get(key, key), value) for key, value in items)
+
+
+def _our_names(module: nn.Module, state: dict[str, Tensor], prefix: str, *args: object) -> None:
+    """Load-state-dict pre-hook: read ``nn.MultiheadAttention``'s names into the input projection."""
+    for theirs, ours in _RENAMED.items():
+        if prefix + theirs in state:
+            state[prefix + ours] = state.pop(prefix + theirs)
 
 
 def _per_head(t: Tensor, heads: int) -> Tensor:

@@ -65,6 +65,7 @@ _QUERIES = {"size", "dim"}  # methods returning shapes (``x.shape`` traces as ge
 # layouts of a traced tensor (see the module docstring); OTHER: unknown, only behind a frozen space
 SPATIAL, FLAT, VECTOR, LAST, OTHER = "spatial", "flat", "vector", "last", "other"
 PARAM = "parameter"  # a model parameter read by the graph (get_attr), until it meets a channel space
+SEQ = "sequence"  # dim 1 of a [N, C, L] map whose positions were flattened (ViT's patches before the transpose)
 HEADS = "heads"  # an attention's per-head outputs, read by its out_proj in blocks of head_dim columns
 # why a space is frozen when nothing is wrong with it
 INPUT, OUTPUT, IGNORED = "network input", "network output", "ignored"
@@ -159,11 +160,14 @@ class _Space:
 @dataclass(frozen=True)
 class _Value:
     """A traced tensor: one channel space, or a concatenation of ``parts`` ``(space, channels)`` along
-    channels (``space`` is then -1: every use goes through the parts)."""
+    channels (``space`` is then -1: every use goes through the parts). ``ndim`` is known for token tensors
+    (``last`` after a permute, a transpose or a Linear), where indexing and concatenating along the tokens
+    must tell the channel dim from the others."""
 
     space: int
     layout: str
     parts: tuple[tuple[int, int], ...] = ()
+    ndim: int | None = None
 
 
 class _Tracer:
@@ -289,7 +293,8 @@ class _Tracer:
         if isinstance(module, ATTENTIONS):
             if self._once(name, module):
                 return self.attention(node, name, module, args)
-            self.shared.add(f"{name}.{module.output}")  # called twice: its heads and its output rows stay whole
+            # called twice: its heads, its output rows and the tokens its input projection reads stay whole
+            self.shared.update((f"{name}.{module.output}", f"{name}.{module.input}"))
             return self.unknown(args, f"{type(module).__name__} {name}")
         if self._once(name, module) and len(args) == 1:
             x = args[0]
@@ -311,7 +316,8 @@ class _Tracer:
                 return out
             if isinstance(module, nn.Linear):
                 self.read(x, name, FLAT, VECTOR, LAST)
-                return self.new(VECTOR if x.layout in (FLAT, VECTOR) else LAST, producer=name)
+                out = self.new(VECTOR if x.layout in (FLAT, VECTOR) else LAST, producer=name)
+                return replace(out, ndim=x.ndim if x.layout == LAST else None)
             if _norm_fits(module, x.layout):
                 for space, offset, width in self.windows(x):
                     space.norms.append((name, offset, width))
@@ -321,8 +327,7 @@ class _Tracer:
     def attention(self, node: fx.Node, name: str, module: nn.Module, args: list[_Value]) -> _Value:
         """Self-attention: its heads are a group of their own (producer rows: each head's query, key and value
         rows; consumer: the output projection's column blocks), its output a new space produced by that
-        projection. An input projection called as a layer (Swin's ``qkv``) is a consumer of the tokens'
-        channels; one applied through its weights (``HeadAttention``'s) freezes them. Only its
+        projection; its input projection is a consumer of the tokens' channels. Only its
         prunable form counts (a :class:`HeadAttention`: unmasked self-attention with ``need_weights=False``);
         any other call freezes it."""
         kwargs, output = node.kwargs, f"{name}.{module.output}"
@@ -334,15 +339,12 @@ class _Tracer:
             plain = len(node.args) == 1 and not kwargs
         if not plain:
             return self.unknown(args, f"attention {name} called with masks, weights or as cross-attention")
-        if module.input is None:
-            self.freeze(f"attention input projection {name}", args[0])
-        else:
-            self.read(args[0], f"{name}.{module.input}", LAST)
+        self.read(args[0], f"{name}.{module.input}", LAST)
         heads = self.new(HEADS, producer=name)
         self.read(heads, output, HEADS)
         if isinstance(module, HeadAttention):
             self.pairs.add(node)  # it returns (output, None)
-        return self.new(LAST, producer=output)
+        return replace(self.new(LAST, producer=output), ndim=args[0].ndim)
 
     def read(self, x: _Value, name: str, *layouts: str) -> None:
         """Layer ``name`` reads ``x``: a consumer of its channels (of each part's, at its offset) in a layout
@@ -364,9 +366,11 @@ class _Tracer:
         self.seen.add(name)
         return True
 
-    def visit_function(self, node: fx.Node) -> _Value:
+    def visit_function(self, node: fx.Node) -> _Value | None:
         args = self.inputs(node)
         target = node.target
+        if not args and (getattr(target, "__module__", None) == "_operator" or target is torch._assert):
+            return None  # arithmetic on shapes (``x.shape[0] // 8``) and asserts: no tensor
         method = node.op == "call_method"
         elementwise = target in _ELEMENTWISE_FUNCTIONS or (method and target in _ELEMENTWISE_METHODS)
         if elementwise and len(args) == 1:
@@ -380,7 +384,22 @@ class _Tracer:
         if (target is torch.permute or target == "permute") and len(args) == 1:
             layout = _PERMUTED.get((args[0].layout, _dims(node)))
             if layout is not None and not args[0].parts:  # NCHW <-> NHWC: the channels move to / from the last dim
+                return replace(args[0], layout=layout, ndim=len(_dims(node)))
+        if (target is torch.transpose or target == "transpose") and len(args) == 1 and not args[0].parts:
+            layout = {SEQ: LAST, LAST: SEQ}.get(args[0].layout)  # [N, C, L] <-> [N, L, C]
+            dims = node.args[1:3]
+            if layout is not None and args[0].ndim == 3 and all(isinstance(d, int) for d in dims) and len(dims) == 2 \
+                    and {d % 3 for d in dims} == {1, 2}:
                 return replace(args[0], layout=layout)
+        if method and target in ("reshape", "view", "flatten") and len(args) == 1 and args[0].layout == SPATIAL:
+            if self.sequence(node, args[0]):
+                return replace(args[0], layout=SEQ, ndim=3)
+        if method and target == "expand" and len(args) == 1 and args[0].layout == PARAM and node.args[-1] == -1:
+            return args[0]  # a parameter broadcast over the batch: the same entries per channel
+        if target is operator.getitem and len(args) == 1 and args[0].layout == LAST and args[0].ndim:
+            ndim = _indexed_ndim(node.args[1], args[0].ndim)
+            if ndim is not None:
+                return replace(args[0], ndim=ndim)
         if (target is torch.mean or target == "mean") and len(args) == 1 and args[0].layout == SPATIAL:
             keep = _spatial_mean(node)
             if keep is not None:  # global average pooling written as a mean over H and W
@@ -450,12 +469,23 @@ class _Tracer:
         self.union(view, param)
         return view
 
+    def sequence(self, node: fx.Node, x: _Value) -> bool:
+        """``x.reshape(n, C, h * w)`` / ``x.flatten(2)`` of a ``[N, C, H, W]`` map: its positions in one dim."""
+        if node.target == "flatten":
+            return node.args[1:] == (2,) and not node.kwargs
+        shape = node.args[1:]
+        return len(shape) == 3 and not node.kwargs and shape[1] == self.size(x)
+
     def concatenated(self, node: fx.Node, args: list[_Value]) -> _Value:
         """``torch.cat(xs, 1)`` of feature maps or vectors whose channel counts are known: one part per
         input space, in order (a concatenation in the list contributes its own parts)."""
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         layouts = {a.layout for a in args}
+        tokens = [a for a in args if a.layout == LAST]
+        if tokens and layouts <= {LAST, PARAM} and all(a.ndim == tokens[0].ndim for a in tokens) and tokens[0].ndim \
+                and isinstance(dim, int) and dim % tokens[0].ndim != tokens[0].ndim - 1:
+            return self.along_tokens(args, tokens, _describe(node))
         if (dim != 1 or layouts - {SPATIAL, VECTOR} or len(layouts) != 1
                 or not isinstance(tensors, (list, tuple)) or len(tensors) != len(args)):
             return self.unknown(args, _describe(node))
@@ -466,6 +496,16 @@ class _Tracer:
                 return self.unknown(args, f"{_describe(node)} of channels of unknown count")
             parts += a.parts or [(a.space, size)]  # type: ignore[list-item]
         return _Value(-1, layouts.pop(), tuple(parts))
+
+    def along_tokens(self, args: list[_Value], tokens: list[_Value], name: str) -> _Value:
+        """A concatenation of token tensors along a dim other than the channels' (ViT's class token before the
+        patches): all share their channels; a parameter among them (the class token) is a member."""
+        for other in tokens[1:]:
+            self.union(tokens[0], other)
+        for param in (a for a in args if a.layout == PARAM):
+            if self.scaled(tokens[0], param, name).layout == OTHER:
+                return self.new(OTHER, frozen=name)
+        return tokens[0]
 
     def unknown(self, args: list[_Value], what: str) -> _Value:
         """An op napkit cannot see through: freeze its inputs, its output is frozen too."""
@@ -509,7 +549,22 @@ def _flattens_channels(node: fx.Node) -> bool:
     return (start, end) == (1, -1)
 
 
-_PERMUTED = {(SPATIAL, (0, 2, 3, 1)): LAST, (LAST, (0, 3, 1, 2)): SPATIAL}
+_PERMUTED = {(SPATIAL, (0, 2, 3, 1)): LAST, (LAST, (0, 3, 1, 2)): SPATIAL, (SEQ, (0, 2, 1)): LAST}
+
+
+def _indexed_ndim(index: object, ndim: int) -> int | None:
+    """Dims left after ``x[index]`` of an ``ndim``-dim token tensor, if the index leaves the last (channel) dim
+    whole (``x[:, 0]``, ``x[..., 1:, :]``); None for any other index."""
+    entries = index if isinstance(index, tuple) else (index,)
+    if any(e is None or isinstance(e, fx.Node) or not isinstance(e, (int, slice, type(Ellipsis))) for e in entries):
+        return None
+    if Ellipsis in entries:
+        at_last = entries[-1]
+    else:
+        at_last = entries[ndim - 1] if len(entries) >= ndim else slice(None)
+    if at_last not in (Ellipsis, slice(None)) or len(entries) > ndim + (Ellipsis in entries):
+        return None
+    return ndim - sum(isinstance(e, int) for e in entries)
 
 
 def _dims(node: fx.Node) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.vision_transformer import VisionTransformer
 
 from napkit.errors import NapkitError
 from napkit.layers import modes_kept
@@ -148,6 +149,9 @@ def _cut(model: nn.Module, chosen: Sequence[tuple[ChannelGroup, Tensor]]) -> Non
             _slice_columns(module, keep, blocks[name])
         else:
             _slice_norm(module, keep)
+    for module in model.modules():  # widths a model reads from its attributes at run time
+        if isinstance(module, VisionTransformer):  # it reshapes its patches to hidden_dim channels
+            module.hidden_dim = module.conv_proj.out_channels
 
 
 def _reader_channels(module: nn.Module, block: int | None) -> int:
