@@ -72,7 +72,7 @@ def masked(model: nn.Module, groups: list[ChannelGroup], plan: dict[str, torch.T
         gone = torch.ones(g.size, dtype=torch.bool)
         gone[plan[g.id]] = False
         for name in g.producers + g.depthwise + g.norms:
-            m, at = out.get_submodule(name), g.offset(name)  # a norm over a concatenation: the group's window
+            m = out.get_submodule(name)
             if isinstance(m, ATTENTIONS):  # a head: its query, key and value rows
                 swin = isinstance(m, WindowHeadAttention)
                 for p in (m.qkv.weight, m.qkv.bias) if swin else (m.in_proj_weight, m.in_proj_bias):
@@ -80,8 +80,8 @@ def masked(model: nn.Module, groups: list[ChannelGroup], plan: dict[str, torch.T
                         p.data.view(3, m.num_heads, m.head_dim, -1)[:, gone] = 0.0
                 continue
             for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
-                if p is not None:
-                    p.data[at: at + g.size][gone] = 0.0
+                for window in g.windows(name) if p is not None else ():  # a norm over a concatenation: its windows
+                    p.data[window][gone] = 0.0
         for name, dim in g.params:  # a per-channel parameter (layer scale): its entries
             out.get_parameter(name).data.index_fill_(dim, torch.nonzero(gone).flatten(), 0.0)
     return out

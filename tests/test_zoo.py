@@ -162,8 +162,8 @@ def test_concatenation_parts_are_groups_at_their_offsets() -> None:
     new = groups["features.denseblock1.denselayer1.conv2"]  # 4 channels after the stem's 8, read by all after it
     assert [c.name for c in new.consumers] == ["features.denseblock1.denselayer2.conv1", "features.transition1.conv"]
     assert new.norms == ("features.denseblock1.denselayer2.norm1", "features.transition1.norm")
-    assert [(new.offset(n), new.width(n)) for n in new.norms] == [(8, 12), (8, 16)]
-    assert groups["features.conv0"].offset("features.transition1.conv") == 0
+    assert [(new.windows(n), new.width(n)) for n in new.norms] == [((slice(8, 12),), 12), ((slice(8, 12),), 16)]
+    assert groups["features.conv0"].windows("features.transition1.conv") == (slice(0, 8),)
     assert groups["features.denseblock2.denselayer2.conv2"].consumers[-1].name == "classifier"
     plan = {"features.denseblock1.denselayer1.conv2": torch.tensor([1, 3]), "features.conv0": torch.arange(6)}
     pruned = apply(tiny("densenet"), plan)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, fx, nn
+from torchvision.models.swin_transformer import _patch_merging_pad
 from torchvision.ops import stochastic_depth
 
 from napkit.errors import NapkitError
@@ -114,18 +115,15 @@ class ChannelGroup:
     def coupled(self) -> bool:
         return len(self.producers) > 1
 
-    def offset(self, member: str) -> int:
-        """Where the group's channels start among a norm's or consumer's channels (0 but in a concatenation)."""
-        return next((offset for name, offset, _ in self.spans if name == member), 0)
-
     def width(self, member: str) -> int:
         """Channels of a norm or consumer that reads the group: the group's size, or a concatenation's."""
         return next((width for name, _, width in self.spans if name == member), self.size)
 
-    def window(self, member: str) -> slice:
-        """The group's channels among a norm's or consumer's channels."""
-        offset = self.offset(member)
-        return slice(offset, offset + self.size)
+    def windows(self, member: str) -> tuple[slice, ...]:
+        """The group's channels among a norm's or consumer's channels: one window, or one per time a concatenation
+        repeats them (Swin's patch merging reads each channel four times)."""
+        found = tuple(slice(offset, offset + self.size) for name, offset, _ in self.spans if name == member)
+        return found or (slice(0, self.size),)
 
 
 @dataclass(frozen=True)
@@ -408,6 +406,10 @@ class _Tracer:
             return self.flattened(args[0], node.name)
         if target in _CONCATENATIONS:
             return self.concatenated(node, args)
+        if target is _patch_merging_pad and len(args) == 1 and args[0].layout == LAST and not args[0].parts:
+            size = self.size(args[0])  # Swin: the 2x2 neighbours of each pixel side by side, channels repeated 4 times
+            if size is not None:
+                return _Value(-1, LAST, ((args[0].space, size),) * 4, ndim=args[0].ndim)
         return self.unknown(args, _describe(node))
 
     def flattened(self, value: _Value, name: str) -> _Value:
@@ -675,16 +677,19 @@ def _group(model: nn.Module, space: _Space, order: dict[str, int]) -> ChannelGro
     if len(set(sizes.values())) != 1:
         raise NapkitError(f"coupled layers disagree on their channel count: {sizes}")
     spans = tuple((name, offset, width) for name, *_, offset, width in space.norms + space.readers if width)
-    read = [name for name, *_ in space.norms + space.readers] + [name for name, _ in space.params]
-    if len(set(read)) != len(read):
-        raise NapkitError(f"layers {sorted({n for n in read if read.count(n) > 1})} read these channels twice")
+    # a member twice is a layer run twice on these channels, unless one concatenation repeats them (other offsets)
+    read = [(name, offset) for name, *_, offset, _ in space.norms + space.readers] + space.params
+    twice = sorted({name for name, at in read if read.count((name, at)) > 1})
+    if twice:
+        raise NapkitError(f"layers {twice} read these channels twice")
     for n, offset, width in space.norms:
         features = norm_width(model.get_submodule(n))
         if features != (width or size) or offset + size > features:
             raise NapkitError(f"norm {n!r} has {features} channels, expected {width or size}")
-    consumers = tuple(_consumer(model, name, layout, width or size) for name, layout, _, width in sorted(
-        space.readers, key=lambda r: order[r[0]]))
-    norms = tuple(sorted((name for name, _, _ in space.norms), key=order.__getitem__))
+    readers = {name: (layout, width) for name, layout, _, width in space.readers}
+    consumers = tuple(_consumer(model, name, layout, width or size) for name, (layout, width) in sorted(
+        readers.items(), key=lambda r: order[r[0]]))
+    norms = tuple(sorted({name for name, _, _ in space.norms}, key=order.__getitem__))
     depthwise = tuple(sorted(space.depthwise, key=order.__getitem__))
     return ChannelGroup(producers[0], size, tuple(producers), norms, consumers, depthwise, space.fold, spans,
                         tuple(sorted(space.params)))
@@ -714,7 +719,9 @@ def removed_inputs(chosen: Iterable[tuple[ChannelGroup, Tensor | Sequence[int]]]
         gone = torch.ones(group.size, dtype=torch.bool)
         gone[torch.as_tensor(keep, dtype=torch.long)] = False
         for name in (*group.norms, *(c.name for c in group.consumers)):
-            removed.setdefault(name, torch.zeros(group.width(name), dtype=torch.bool))[group.window(name)] |= gone
+            mask = removed.setdefault(name, torch.zeros(group.width(name), dtype=torch.bool))
+            for window in group.windows(name):
+                mask[window] |= gone
     return removed
 
 
@@ -738,5 +745,6 @@ def saved_flops(model: nn.Module, group: ChannelGroup, layer_flops: dict[str, in
         saved += layer_flops[p] / rows(model.get_submodule(p))
     for c in group.consumers:
         layer = model.get_submodule(c.name)
-        saved += layer_flops[c.name] / (in_channels(layer, c.block) * getattr(layer, "groups", 1))
+        reads = len(group.windows(c.name))
+        saved += reads * layer_flops[c.name] / (in_channels(layer, c.block) * getattr(layer, "groups", 1))
     return saved

@@ -118,7 +118,8 @@ class BnGamma(ChannelImportance):
     def _group(model: nn.Module, group: ChannelGroup) -> Tensor:
         if not group.norms:
             return torch.full((group.size,), math.inf, dtype=torch.float64)
-        gammas = [model.get_submodule(n).weight.detach().abs().double()[group.window(n)] for n in group.norms]
+        gammas = [model.get_submodule(n).weight.detach().abs().double()[window]
+                  for n in group.norms for window in group.windows(n)]
         return torch.stack(gammas).sum(0)
 
 
@@ -171,10 +172,14 @@ class NapChannels(ChannelImportance):
         for g in groups:
             terms = []
             for c in g.consumers:
+                windows = g.windows(c.name)
+                if len(windows) > 1:  # one concatenation repeats the channels: their columns go jointly
+                    terms.append(self._repeated_terms(model, c, windows, factors, inputs.compensated))
+                    continue
                 if c.name not in per_consumer:
                     per_consumer[c.name] = self._consumer_terms(model, c, factors, inputs.compensated)
                 t = per_consumer[c.name]
-                terms.append(None if t is None else t[g.window(c.name)])
+                terms.append(None if t is None else t[windows[0]])
             if self.producer_rows:
                 terms += [self._row_terms(model, p, factors) for p in g.producers]
             if any(t is None for t in terms):  # a consumer that never ran as a module: NAP cannot judge it
@@ -195,6 +200,21 @@ class NapChannels(ChannelImportance):
             return None
         return torch.cat([column_terms(b.weight, self._damped(b.key, b.weight, factors), consumer.block, compensated)
                           * _live_channels(factors[b.key], consumer.block) for b in blocks])
+
+    def _repeated_terms(self, model: nn.Module, consumer: Consumer, windows: tuple[slice, ...],
+                        factors: dict[str, KFACFactors], compensated: bool) -> Tensor | None:
+        """Column terms of a group whose every channel the consumer reads once per window: one joint block of
+        all its columns per channel (None without factors)."""
+        blocks = consumer_blocks(model, consumer)
+        if len(blocks) != 1 or blocks[0].key not in factors:
+            return None  # the tracer keeps grouped convs off concatenations; no factors: NAP cannot judge it
+        b = consumer.block
+        units = torch.stack([torch.arange(w.start, w.stop) for w in windows], 1)  # [channels, reads]
+        columns = (units[:, :, None] * b + torch.arange(b)).reshape(len(units), -1)
+        f = factors[blocks[0].key]
+        terms = column_terms(blocks[0].weight, self._damped(blocks[0].key, blocks[0].weight, factors), b, compensated,
+                             columns=columns)
+        return terms * _live_channels(f, b)[units].amax(1)
 
     def _row_terms(self, model: nn.Module, name: str, factors: dict[str, KFACFactors]) -> Tensor:
         """The ``producer_rows`` ablation's term of one producer (a Conv2d / Linear with factors)."""
@@ -241,19 +261,27 @@ def row_terms(model: nn.Module, name: str, f: KFACFactors) -> Tensor:
     return ((f.mul_a(w) * w).sum(1) / (2.0 * f.g_inv_diag())).double()
 
 
-def column_terms(w_h: Tensor, f: KFACFactors, block: int, compensated: bool = True) -> Tensor:
+def column_terms(w_h: Tensor, f: KFACFactors, block: int, compensated: bool = True, *,
+                 columns: Tensor | None = None) -> Tensor:
     """Quadratic-model cost of removing each input channel (column block B of ``block`` columns) of ``W_h``.
 
     ``0.5 tr(W_B^T G W_B P_B)``. Compensated (the other columns refit, the joint OBS cost):
     ``P_B = ([A^-1]_BB)^-1``, for one column ``w_j^T G w_j / (2 [A^-1]_jj)``. Not compensated (zeroing):
-    ``P_B = A_BB``.
+    ``P_B = A_BB``. ``columns`` (``[channels, k]``) gives each channel's columns where they are not one
+    consecutive block (a channel a concatenation repeats).
     """
     w = w_h.to(f.G)[:, : f.d_in]
-    channels = f.d_in // block
-    wb = w.reshape(w.shape[0], channels, block)
-    gwb = (f.G @ w).reshape(w.shape[0], channels, block)
+    if columns is None:  # consecutive blocks: views, no copy of a large W
+        channels = f.d_in // block
+        wb = w.reshape(w.shape[0], channels, block)
+        gwb = (f.G @ w).reshape(w.shape[0], channels, block)
+        p = _schur_blocks(f, channels, block) if compensated else _a_blocks(f, channels, block)
+    else:
+        columns = columns.to(w.device)
+        wb, gwb = w[:, columns], (f.G @ w)[:, columns]
+        p = _spd_inverse(_gathered_blocks(f.a_inverse(), columns)) if compensated else _gathered_blocks(
+            f.A if f.A is not None else f.A_blocks, columns)
     m = torch.einsum("ocb,oce->cbe", wb, gwb)
-    p = _schur_blocks(f, channels, block) if compensated else _a_blocks(f, channels, block)
     return (0.5 * (m * p).sum((1, 2))).double()
 
 
@@ -282,8 +310,16 @@ def _diagonal_blocks(m: Tensor, channels: int, b: int) -> Tensor:
     if m.dim() == 2:
         d = channels * b
         return m[:d, :d].reshape(channels, b, channels, b).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    return _gathered_blocks(m, torch.arange(channels * b, device=m.device).reshape(channels, b))
+
+
+def _gathered_blocks(m: Tensor, idx: Tensor) -> Tensor:
+    """``M[i, i]`` for each row ``i`` of column indices ``idx`` (``[channels, k, k]``), of a dense ``M`` (2-D) or a
+    block-diagonal one (3-D)."""
+    idx = idx.to(m.device)
+    if m.dim() == 2:
+        return m[idx[:, :, None], idx[:, None, :]]
     s = m.shape[1]  # block-diagonal: entries across blocks are zero
-    idx = torch.arange(channels * b, device=m.device).reshape(channels, b)
     blk, off = idx // s, idx % s
     vals = m[blk[:, :, None], off[:, :, None], off[:, None, :]]
     same = blk[:, :, None] == blk[:, None, :]

@@ -97,12 +97,12 @@ class CostModel:
                 producer[p] = i
             for c in g.consumers:
                 attention = attention_input_of(model, c.name)
-                if attention is None:
-                    reads.append((c.name, i))
+                if attention is None:  # once per window: a repeating concatenation reads a channel k times
+                    reads += [(c.name, i)] * len(g.windows(c.name))
                     block[c.name] = c.block
                     continue
                 projections[attention] = c.name  # its weight per head: 3 * head_dim columns per input channel
-                reads.append((attention, i))
+                reads += [(attention, i)] * len(g.windows(c.name))
                 block[attention] = model.get_submodule(attention).weight[0].numel() // in_channels(
                     model.get_submodule(c.name), c.block)
         names = list(dict.fromkeys([*producer, *(n for n, _ in reads)]))
@@ -110,8 +110,9 @@ class CostModel:
         norm_names = list(dict.fromkeys(n for g in groups for n in g.norms))
         norms = [model.get_submodule(n) for n in norm_names]
         index = {n: j for j, n in enumerate(norm_names)}
-        self.norm_reads = torch.tensor([index[n] for g in groups for n in g.norms], dtype=torch.long)
-        self.norm_read_group = torch.tensor([i for i, g in enumerate(groups) for _ in g.norms], dtype=torch.long)
+        norm_reads = [(index[n], i) for i, g in enumerate(groups) for n in g.norms for _ in g.windows(n)]
+        self.norm_reads = torch.tensor([j for j, _ in norm_reads], dtype=torch.long)
+        self.norm_read_group = torch.tensor([i for _, i in norm_reads], dtype=torch.long)
         self.norm_features = torch.tensor([norm_width(m) for m in norms], dtype=torch.long)
         self.norm_params = torch.tensor([sum(p.numel() for p in m.parameters(recurse=False)) // norm_width(m)
                                          for m in norms], dtype=torch.long)
