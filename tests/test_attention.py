@@ -9,14 +9,14 @@ import torch
 from test_kfac import exact_weight_grads
 from test_structured import forward
 from torch import Tensor, nn
-from torchvision.models.swin_transformer import SwinTransformer, swin_v2_t
+from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 from torchvision.models.vision_transformer import VisionTransformer
 
 from napkit.curvature import estimate_kfac
 from napkit.errors import NapkitError
 from napkit.models import create_model
 from napkit.structured import ScoreInputs, StructuredPruner, apply, channel_groups, create_channel_importance
-from napkit.structured.attention import HeadAttention, WindowHeadAttention, prunable_attention
+from napkit.structured.attention import HeadAttention, WindowHeadAttention, WindowHeadAttentionV2, prunable_attention
 from napkit.structured.groups import trace_groups
 from napkit.structured.latency import LatencyTable
 
@@ -163,17 +163,19 @@ def test_a_latency_table_without_the_attention_is_refused_up_front() -> None:
         StructuredPruner("l1", model, input_shape=(1, 3, 32, 32), step_fraction=0.5, latency=table)
 
 
+@pytest.mark.parametrize("v2", [False, True])
 @pytest.mark.parametrize("window,size", [([2, 2], 32), ([3, 3], 40)])  # 40 px: windows that need padding
-def test_window_head_attention_is_swins(window: list[int], size: int) -> None:
+def test_window_head_attention_is_swins(window: list[int], size: int, v2: bool) -> None:
     torch.manual_seed(0)
-    swin = SwinTransformer([4, 4], 8, [2, 2], [2, 2], window, num_classes=5).double().eval()
+    kinds = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
+    swin = SwinTransformer([4, 4], 8, [2, 2], [2, 2], window, num_classes=5, **kinds).double().eval()
+    for p in swin.parameters():  # every parameter matters, V2's key biases too (torchvision never uses them)
+        p.data = torch.randn_like(p) * 0.5
     ours = prunable_attention(copy.deepcopy(swin))
-    assert sum(isinstance(m, WindowHeadAttention) for m in ours.modules()) == 4
+    assert sum(isinstance(m, WindowHeadAttentionV2 if v2 else WindowHeadAttention) for m in ours.modules()) == 4
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), swin.state_dict().values()))
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
     torch.testing.assert_close(forward(ours, x), forward(swin, x), rtol=1e-12, atol=1e-12)
-    v2 = prunable_attention(swin_v2_t(num_classes=5))  # V2's cosine attention and bias MLP stay torchvision's
-    assert not any(isinstance(m, WindowHeadAttention) for m in v2.modules())
 
 
 def test_a_swin_head_takes_its_bias_table_column() -> None:
@@ -185,3 +187,14 @@ def test_a_swin_head_takes_its_bias_table_column() -> None:
     attention = pruned.features[3][0].attn
     assert (attention.num_heads, attention.qkv.out_features, attention.proj.in_features) == (2, 24, 8)
     assert torch.equal(attention.relative_position_bias_table, table[:, [1, 3]])
+
+
+def test_a_swin_v2_head_takes_its_logit_scale_and_bias_mlp_row() -> None:
+    model = prunable_attention(SwinTransformer([4, 4], 8, [1, 1], [2, 4], [2, 2], num_classes=5,
+                                               block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2))
+    heads = {g.id: g for g in channel_groups(model)}["features.3.0.attn"]
+    attention = model.features[3][0].attn
+    scale, last = attention.logit_scale.detach().clone(), attention.cpb_mlp[2].weight.detach().clone()
+    pruned = apply(model, {heads.id: torch.tensor([1, 3])}).features[3][0].attn
+    assert (pruned.num_heads, pruned.qkv.out_features, pruned.cpb_mlp[2].out_features) == (2, 24, 2)
+    assert torch.equal(pruned.logit_scale, scale[[1, 3]]) and torch.equal(pruned.cpb_mlp[2].weight, last[[1, 3]])

@@ -20,15 +20,19 @@ napkit's builders do it on build), except inside torch's ``nn.Transformer*Layer`
 torchvision's Swin (V1) window attention has the same trouble (``qkv`` and ``proj`` applied through their
 weights, the head width taken from the input width): :class:`WindowHeadAttention` is the same module, same
 state, computing the same windows, shifts and relative position bias, with ``qkv`` and ``proj`` called as
-modules and a fixed ``head_dim``; a head also owns its column of the relative position bias table.
+modules and a fixed ``head_dim``; a head also owns its column of the relative position bias table. Swin V2's
+(:class:`WindowHeadAttentionV2`) computes cosine attention with a logit scale per head and its bias from a small
+MLP: a head also owns its logit scale and its output row of that MLP.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.models.swin_transformer import ShiftedWindowAttention
+from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
 
 from napkit.errors import NapkitError
 
@@ -39,6 +43,7 @@ class HeadAttention(nn.Module):
 
     output = "out_proj"  # the layer that reads the heads
     input = "in_proj"  # the layer that reads the tokens
+    constant: tuple[str, ...] = ()  # layers inside whose FLOPs do not depend on the heads
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, *, bias: bool = True, dropout: float = 0.0,
                  batch_first: bool = False) -> None:
@@ -138,13 +143,15 @@ class WindowHeadAttention(ShiftedWindowAttention):
 
     output = "proj"
     input = "qkv"  # a Linear called as a module: a consumer of the tokens' channels
+    constant: tuple[str, ...] = ()  # layers inside whose FLOPs do not depend on the heads
+    source: type[ShiftedWindowAttention] = ShiftedWindowAttention
     head_dim: int
 
     @classmethod
     def from_torchvision(cls, module: ShiftedWindowAttention) -> WindowHeadAttention:
         """The same attention, sharing ``module``'s parameters and buffers (the old object is not to be used)."""
-        if type(module) is not ShiftedWindowAttention:
-            raise NapkitError(f"WindowHeadAttention holds Swin V1's ShiftedWindowAttention, not {type(module).__name__}")
+        if type(module) is not cls.source:
+            raise NapkitError(f"{cls.__name__} holds {cls.source.__name__}, not {type(module).__name__}")
         new = cls.__new__(cls)
         new.__dict__.update(module.__dict__)
         new.head_dim = module.proj.in_features // module.num_heads
@@ -164,14 +171,22 @@ class WindowHeadAttention(ShiftedWindowAttention):
 
     def keep_heads(self, keep: Tensor) -> None:
         """Keep heads ``keep``: their ``qkv`` rows and bias-table columns (``proj``'s columns are its consumer's)."""
+        self._keep_qkv(keep)
+        self.relative_position_bias_table = _kept(self.relative_position_bias_table, keep, 1)
+        self.num_heads = len(keep)
+
+    def _keep_qkv(self, keep: Tensor) -> None:
         self.qkv.weight = _head_rows(self.qkv.weight, self.num_heads, keep)
         if self.qkv.bias is not None:
             self.qkv.bias = _head_rows(self.qkv.bias, self.num_heads, keep)
         self.qkv.out_features = self.qkv.weight.shape[0]
-        table = self.relative_position_bias_table
-        self.relative_position_bias_table = nn.Parameter(table.detach()[:, keep.to(table.device)].clone(),
-                                                         requires_grad=table.requires_grad)
-        self.num_heads = len(keep)
+
+    def _scores(self, q: Tensor, k: Tensor) -> Tensor:
+        """Attention logits of every head: scaled dot products plus the relative position bias."""
+        return (q * self.head_dim ** -0.5) @ k.transpose(-2, -1) + self.get_relative_position_bias()
+
+    def _qkv(self, windows: Tensor) -> Tensor:
+        return self.qkv(windows)
 
     def forward(self, x: Tensor) -> Tensor:
         """Attention within (shifted) windows of a ``[B, H, W, C]`` map, as torchvision's, returning ``[B, H, W, C]``."""
@@ -184,8 +199,8 @@ class WindowHeadAttention(ShiftedWindowAttention):
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
         windows = _windows(x, wh, ww)  # [B * nW, wh * ww, C]
         tokens = windows.shape[1]
-        qkv = self.qkv(windows).view(windows.shape[0], tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        scores = (qkv[0] * self.head_dim ** -0.5) @ qkv[1].transpose(-2, -1) + self.get_relative_position_bias()
+        qkv = self._qkv(windows).view(windows.shape[0], tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        scores = self._scores(qkv[0], qkv[1])
         if sum(shift) > 0:
             n = (ph // wh) * (pw // ww)
             scores = scores.view(batch, n, self.num_heads, tokens, tokens) + _shift_mask(ph, pw, wh, ww, shift, x)
@@ -197,6 +212,51 @@ class WindowHeadAttention(ShiftedWindowAttention):
         if sum(shift) > 0:
             out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
         return out[:, :height, :width, :].contiguous()
+
+
+class WindowHeadAttentionV2(WindowHeadAttention, ShiftedWindowAttentionV2):
+    """torchvision's ``ShiftedWindowAttentionV2`` (Swin V2: cosine attention with a logit scale per head, relative
+    position bias from a small MLP) with prunable heads. A head also owns its logit scale and its output row of the
+    bias MLP's last layer; the MLP's first layer is shared by all heads."""
+
+    constant = ("cpb_mlp.0",)
+    source = ShiftedWindowAttentionV2
+
+    @property
+    def bias(self) -> Tensor | None:
+        """Per head, every parameter besides its ``qkv`` weight rows: its ``qkv`` biases, its logit scale and its
+        row of the bias MLP's last layer."""
+        own = torch.cat([self.logit_scale.view(self.num_heads, 1), self.cpb_mlp[2].weight], 1)
+        return own if self.qkv.bias is None else torch.cat([_per_head(self.qkv.bias, self.num_heads), own], 1)
+
+    def keep_heads(self, keep: Tensor) -> None:
+        """Keep heads ``keep``: their ``qkv`` rows, logit scales and bias-MLP rows."""
+        self._keep_qkv(keep)
+        self.logit_scale = _kept(self.logit_scale, keep, 0)
+        last = self.cpb_mlp[2]
+        last.weight = _kept(last.weight, keep, 0)
+        last.out_features = len(keep)
+        self.num_heads = len(keep)
+
+    def _scores(self, q: Tensor, k: Tensor) -> Tensor:
+        """Cosine similarities times each head's (clamped) logit scale, plus the relative position bias."""
+        scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        return F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * scale + \
+            self.get_relative_position_bias()
+
+    def _qkv(self, windows: Tensor) -> Tensor:
+        """``qkv`` as a module, without its key biases: torchvision's V2 never uses them (zeroed on every call)."""
+        out = self.qkv(windows)
+        if self.qkv.bias is None:
+            return out
+        keys = torch.zeros_like(self.qkv.bias).view(3, -1)
+        keys[1] = self.qkv.bias.view(3, -1)[1]
+        return out - keys.view(-1)
+
+
+def _kept(p: Tensor, keep: Tensor, dim: int) -> nn.Parameter:
+    """Entries ``keep`` of parameter ``p`` along ``dim``, as a new parameter."""
+    return nn.Parameter(p.detach().index_select(dim, keep.to(p.device)), requires_grad=p.requires_grad)
 
 
 _RENAMED = {"in_proj_weight": "in_proj.weight", "in_proj_bias": "in_proj.bias"}  # torch's name -> ours
@@ -250,21 +310,22 @@ def _shift_mask(ph: int, pw: int, wh: int, ww: int, shift: list[int], like: Tens
 
 ATTENTIONS = (HeadAttention, WindowHeadAttention)  # heads as channels: ``weight`` rows, ``keep_heads``, ``output``
 _TORCH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_WINDOWED = {ShiftedWindowAttention: WindowHeadAttention, ShiftedWindowAttentionV2: WindowHeadAttentionV2}
 
 
 def prunable_attention(model: nn.Module) -> nn.Module:
     """Replace every plain ``nn.MultiheadAttention`` of ``model`` (no kdim/vdim, bias_kv or zero_attn; not in
-    torch's own transformer layers) by the equivalent :class:`HeadAttention`, and every Swin V1
-    ``ShiftedWindowAttention`` by :class:`WindowHeadAttention`, in place. Hooks on a replaced attention are
+    torch's own transformer layers) by the equivalent :class:`HeadAttention`, and every Swin V1 / V2
+    ``ShiftedWindowAttention(V2)`` by :class:`WindowHeadAttention(V2)`, in place. Hooks on a replaced attention are
     not carried over."""
     for name, module in list(model.named_modules()):
         torch_mha = isinstance(module, nn.MultiheadAttention) and _plain(module)
-        if not torch_mha and type(module) is not ShiftedWindowAttention:
+        if not torch_mha and type(module) not in _WINDOWED:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if not torch_mha:
-            setattr(parent, child, WindowHeadAttention.from_torchvision(module))
+            setattr(parent, child, _WINDOWED[type(module)].from_torchvision(module))
         elif not isinstance(parent, _TORCH_LAYERS):
             setattr(parent, child, HeadAttention.from_torch(module))
     return model

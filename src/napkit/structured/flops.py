@@ -18,7 +18,8 @@ from napkit.structured.attention import ATTENTIONS
 @torch.no_grad()
 def module_flops(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, dict[str, int]]:
     """Total FLOPs of one eval-mode forward pass of a zero input of ``shape`` and the FLOPs of every
-    Conv2d / Linear and every prunable attention without its output projection (by qualified name);
+    Conv2d / Linear and every prunable attention without its output projection and the layers whose FLOPs do not
+    depend on its heads (by qualified name);
     train/eval modes are restored afterwards."""
     device = next(model.parameters()).device
     counter = FlopCounterMode(display=False)
@@ -33,6 +34,6 @@ def module_flops(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, dict[st
         return int(sum(by_module.get(f"{root}.{name}", {}).values()))
 
     per_layer = {name: flops(name) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    per_layer |= {name: flops(name) - flops(f"{name}.{m.output}")  # projections and attention maps: linear in heads
-                  for name, m in model.named_modules() if isinstance(m, ATTENTIONS)}
+    per_layer |= {name: flops(name) - flops(f"{name}.{m.output}") - sum(flops(f"{name}.{c}") for c in m.constant)
+                  for name, m in model.named_modules() if isinstance(m, ATTENTIONS)}  # what grows with the heads
     return int(counter.get_total_flops()), per_layer
