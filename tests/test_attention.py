@@ -16,7 +16,12 @@ from napkit.curvature import estimate_kfac
 from napkit.errors import NapkitError
 from napkit.models import create_model
 from napkit.structured import ScoreInputs, StructuredPruner, apply, channel_groups, create_channel_importance
-from napkit.structured.attention import HeadAttention, WindowHeadAttention, WindowHeadAttentionV2, prunable_attention
+from napkit.structured.attention import (
+    HeadAttention,
+    WindowHeadAttention,
+    WindowHeadAttentionV2,
+    prunable_attention,
+)
 from napkit.structured.groups import trace_groups
 from napkit.structured.latency import LatencyTable
 
