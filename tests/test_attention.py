@@ -9,6 +9,7 @@ import torch
 from test_kfac import exact_weight_grads
 from test_structured import forward
 from torch import Tensor, nn
+from torchvision.models.maxvit import MaxVit
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -17,6 +18,7 @@ from napkit.errors import NapkitError
 from napkit.models import create_model
 from napkit.structured import ScoreInputs, StructuredPruner, apply, channel_groups, create_channel_importance
 from napkit.structured.attention import (
+    GridHeadAttention,
     HeadAttention,
     WindowHeadAttention,
     WindowHeadAttentionV2,
@@ -192,6 +194,24 @@ def test_a_swin_head_takes_its_bias_table_column() -> None:
     attention = pruned.features[3][0].attn
     assert (attention.num_heads, attention.qkv.out_features, attention.proj.in_features) == (2, 24, 8)
     assert torch.equal(attention.relative_position_bias_table, table[:, [1, 3]])
+
+
+def test_grid_head_attention_is_maxvits_and_a_head_takes_its_table_column() -> None:
+    torch.manual_seed(0)
+    maxvit = MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[8, 16], block_layers=[1, 1],
+                    head_dim=4, stochastic_depth_prob=0.0, num_classes=5).double().eval()
+    for p in maxvit.parameters():
+        p.data = torch.randn_like(p) * 0.3
+    ours = prunable_attention(copy.deepcopy(maxvit))
+    assert sum(isinstance(m, GridHeadAttention) for m in ours.modules()) == 4
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), maxvit.state_dict().values()))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(forward(ours, x), forward(maxvit, x), rtol=1e-12, atol=1e-12)
+    name = "blocks.1.layers.0.layers.grid_attention.attn_layer.1"
+    table = ours.get_submodule(name).relative_position_bias_table.detach().clone()
+    pruned = apply(ours, {name: torch.tensor([0, 2])}).get_submodule(name)
+    assert (pruned.n_heads, pruned.to_qkv.out_features, pruned.merge.in_features) == (2, 24, 8)
+    assert torch.equal(pruned.relative_position_bias_table, table[:, [0, 2]])
 
 
 def test_a_swin_v2_head_takes_its_logit_scale_and_bias_mlp_row() -> None:

@@ -29,7 +29,7 @@ from napkit.structured import (
     saved_flops,
     slim_to,
 )
-from napkit.structured.attention import ATTENTIONS, WindowHeadAttention
+from napkit.structured.attention import ATTENTIONS
 
 SIZE = 32
 SHAPE = (1, 3, SIZE, SIZE)
@@ -74,8 +74,8 @@ def masked(model: nn.Module, groups: list[ChannelGroup], plan: dict[str, torch.T
         for name in g.producers + g.depthwise + g.norms:
             m = out.get_submodule(name)
             if isinstance(m, ATTENTIONS):  # a head: its query, key and value rows
-                swin = isinstance(m, WindowHeadAttention)
-                for p in (m.qkv.weight, m.qkv.bias) if swin else (m.in_proj_weight, m.in_proj_bias):
+                projection = m.get_submodule(m.input)
+                for p in (projection.weight, projection.bias):
                     if p is not None:
                         p.data.view(3, m.num_heads, m.head_dim, -1)[:, gone] = 0.0
                 continue

@@ -11,6 +11,7 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.efficientnet import EfficientNet, MBConvConfig
+from torchvision.models.maxvit import MaxVit
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -48,6 +49,9 @@ def tiny(name: str) -> nn.Module:
                                                     hidden_dim=16, mlp_dim=24, num_classes=5))
     if name == "swin":  # as napkit's builders make it: prunable heads
         return prunable_attention(SwinTransformer([4, 4], 8, [1, 1], [2, 2], [2, 2], num_classes=5))
+    if name == "maxvit":  # MBConv, then window and grid attention over partitions of the map
+        return prunable_attention(MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[8, 16],
+                                         block_layers=[1, 1], head_dim=4, stochastic_depth_prob=0.0, num_classes=5))
     if name == "swin_v2":
         return prunable_attention(SwinTransformer([4, 4], 8, [1, 1], [2, 2], [2, 2], num_classes=5,
                                                   block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2))
@@ -65,7 +69,7 @@ def tiny(name: str) -> nn.Module:
     return tvm.get_model(name, num_classes=5)
 
 
-TINY = ["mobilenet_v3_small", "efficientnet", "convnext", "vit", "swin", "swin_v2", "shufflenet_v2_x0_5",
+TINY = ["mobilenet_v3_small", "efficientnet", "convnext", "vit", "swin", "swin_v2", "maxvit", "shufflenet_v2_x0_5",
         "regnet_y_400mf", "mnasnet0_5", "resnext", "regnet_x_400mf", "densenet", "googlenet", "squeezenet1_1"]
 
 
@@ -133,7 +137,7 @@ def test_couplings_land_in_the_right_groups() -> None:
     assert vit["encoder.layers.encoder_layer_0.mlp.0"].consumers[0].block == 1
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext", "densenet", "convnext", "vit", "swin", "swin_v2"])
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext", "densenet", "convnext", "vit", "swin", "swin_v2", "maxvit"])
 def test_cost_model_counts_depthwise_grouped_concatenating_and_attention_layers_exactly(name: str) -> None:
     model = tiny(name)
     shape = (1, 3, 32, 32)
@@ -147,7 +151,7 @@ def test_cost_model_counts_depthwise_grouped_concatenating_and_attention_layers_
     assert cost == (count_params(pruned), count_flops(pruned, shape)[0])
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext", "densenet", "convnext", "vit", "swin", "swin_v2"])
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext", "densenet", "convnext", "vit", "swin", "swin_v2", "maxvit"])
 def test_rebuild_depthwise_grouped_concatenating_and_attention_models_from_counts(name: str) -> None:
     gen = torch.Generator().manual_seed(3)
     model = tiny(name).eval()
@@ -269,7 +273,7 @@ def test_l1_step_prunes_grouped_convs_evenly() -> None:
     assert forward(pruned, torch.randn(1, 3, 32, 32)).shape == (1, 5)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext", "convnext", "vit", "swin", "swin_v2"])
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnext", "convnext", "vit", "swin", "swin_v2", "maxvit"])
 def test_nap_scores_the_new_groups(name: str) -> None:
     """NAP (K-FAC OBS) ranks SE, depthwise-coupled, grouped-conv and MLP hidden-unit groups from their members'
     factors, estimated the default way (ViT's and Swin's heads run their output projections as modules)."""
@@ -293,7 +297,7 @@ def test_nap_scores_the_new_groups(name: str) -> None:
     pruned = pruner(model, 1)
     assert count_params(pruned) < count_params(model)
     assert forward(pruned, x[:2]).shape == (2, 5)
-    if name in ("convnext", "swin", "swin_v2", "vit"):  # a LayerNorm-coupled stream is scored from its consumers (qkv too)
+    if name in ("convnext", "swin", "swin_v2", "vit", "maxvit"):  # a LayerNorm-coupled stream is scored from its consumers (qkv too)
         stream = [g for g in pruner.dense_groups if any(isinstance(model.get_submodule(n), nn.LayerNorm) for n in g.norms)]
         scores = NapChannels()(model, stream, ScoreInputs(factors=factors))
         assert stream and all(torch.isfinite(scores[g.id]).all() and scores[g.id].gt(0).all() for g in stream)

@@ -22,7 +22,8 @@ weights, the head width taken from the input width): :class:`WindowHeadAttention
 state, computing the same windows, shifts and relative position bias, with ``qkv`` and ``proj`` called as
 modules and a fixed ``head_dim``; a head also owns its column of the relative position bias table. Swin V2's
 (:class:`WindowHeadAttentionV2`) computes cosine attention with a logit scale per head and its bias from a small
-MLP: a head also owns its logit scale and its output row of that MLP.
+MLP: a head also owns its logit scale and its output row of that MLP. MaxViT's (:class:`GridHeadAttention`) is
+the same idea over its windows and grids.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import math
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
 from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
 
 from napkit.errors import NapkitError
@@ -254,6 +256,57 @@ class WindowHeadAttentionV2(WindowHeadAttention, ShiftedWindowAttentionV2):
         return out - keys.view(-1)
 
 
+class GridHeadAttention(RelativePositionalMultiHeadAttention):
+    """torchvision's MaxViT attention (``RelativePositionalMultiHeadAttention``, over ``[B, G, P, D]`` windows or
+    grids) with prunable heads: ``to_qkv`` and ``merge`` are its projections, a head also owns its column of the
+    relative position bias table. Its logit scale stays ``feat_dim ** -0.5`` of the dense width, as built."""
+
+    output = "merge"
+    input = "to_qkv"
+    constant: tuple[str, ...] = ()
+
+    @classmethod
+    def from_torchvision(cls, module: RelativePositionalMultiHeadAttention) -> GridHeadAttention:
+        """The same attention, sharing ``module``'s parameters and buffers (the old object is not to be used)."""
+        if type(module) is not RelativePositionalMultiHeadAttention:
+            raise NapkitError(f"GridHeadAttention holds RelativePositionalMultiHeadAttention, not {type(module).__name__}")
+        new = cls.__new__(cls)
+        new.__dict__.update(module.__dict__)
+        return new
+
+    @property
+    def num_heads(self) -> int:
+        return self.n_heads
+
+    @property
+    def weight(self) -> Tensor:
+        """The producer rows, one per head: its query, key and value rows of ``to_qkv`` side by side."""
+        return _per_head(self.to_qkv.weight, self.n_heads)
+
+    @property
+    def bias(self) -> Tensor | None:
+        """Per head: its ``to_qkv`` biases and its column of the relative position bias table."""
+        table = self.relative_position_bias_table.t()
+        return table if self.to_qkv.bias is None else torch.cat([_per_head(self.to_qkv.bias, self.n_heads), table], 1)
+
+    def keep_heads(self, keep: Tensor) -> None:
+        """Keep heads ``keep``: their ``to_qkv`` rows and bias-table columns (``merge``'s columns are its consumer's)."""
+        self.to_qkv.weight = _head_rows(self.to_qkv.weight, self.n_heads, keep)
+        if self.to_qkv.bias is not None:
+            self.to_qkv.bias = _head_rows(self.to_qkv.bias, self.n_heads, keep)
+        self.to_qkv.out_features = self.to_qkv.weight.shape[0]
+        self.relative_position_bias_table = _kept(self.relative_position_bias_table, keep, 1)
+        self.n_heads = len(keep)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """As torchvision's, with the heads' width (not the input's) between the projections."""
+        b, g, p, _ = x.shape
+        qkv = self.to_qkv(x).view(b, g, p, 3, self.n_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
+        scores = qkv[0] @ (qkv[1] * self.scale_factor).transpose(-2, -1) + self.get_relative_positional_bias()
+        heads = scores.softmax(-1) @ qkv[2]  # [B, G, H, P, DH]
+        return self.merge(heads.permute(0, 1, 3, 2, 4).reshape(b, g, p, self.n_heads * self.head_dim))
+
+
 def _kept(p: Tensor, keep: Tensor, dim: int) -> nn.Parameter:
     """Entries ``keep`` of parameter ``p`` along ``dim``, as a new parameter."""
     return nn.Parameter(p.detach().index_select(dim, keep.to(p.device)), requires_grad=p.requires_grad)
@@ -308,15 +361,17 @@ def _shift_mask(ph: int, pw: int, wh: int, ww: int, shift: list[int], like: Tens
     return mask[None, :, None]
 
 
-ATTENTIONS = (HeadAttention, WindowHeadAttention)  # heads as channels: ``weight`` rows, ``keep_heads``, ``output``
+ATTENTIONS = (HeadAttention, WindowHeadAttention, GridHeadAttention)  # heads as channels: ``weight`` rows, ``keep_heads``, ``output``
 _TORCH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-_WINDOWED = {ShiftedWindowAttention: WindowHeadAttention, ShiftedWindowAttentionV2: WindowHeadAttentionV2}
+_WINDOWED = {ShiftedWindowAttention: WindowHeadAttention, ShiftedWindowAttentionV2: WindowHeadAttentionV2,
+             RelativePositionalMultiHeadAttention: GridHeadAttention}
 
 
 def prunable_attention(model: nn.Module) -> nn.Module:
     """Replace every plain ``nn.MultiheadAttention`` of ``model`` (no kdim/vdim, bias_kv or zero_attn; not in
-    torch's own transformer layers) by the equivalent :class:`HeadAttention`, and every Swin V1 / V2
-    ``ShiftedWindowAttention(V2)`` by :class:`WindowHeadAttention(V2)`, in place. Hooks on a replaced attention are
+    torch's own transformer layers) by the equivalent :class:`HeadAttention`, every Swin V1 / V2
+    ``ShiftedWindowAttention(V2)`` by :class:`WindowHeadAttention(V2)` and every MaxViT attention by
+    :class:`GridHeadAttention`, in place. Hooks on a replaced attention are
     not carried over."""
     for name, module in list(model.named_modules()):
         torch_mha = isinstance(module, nn.MultiheadAttention) and _plain(module)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, fx, nn
+from torchvision.models.maxvit import SwapAxes, WindowDepartition, WindowPartition
 from torchvision.models.swin_transformer import _patch_merging_pad
 from torchvision.ops import stochastic_depth
 
@@ -285,6 +286,9 @@ class _Tracer:
             return args[0]
         if isinstance(module, _POOLS) and len(args) == 1 and args[0].layout == SPATIAL:
             return args[0]
+        moved = _moved(module, args)
+        if moved is not None:  # MaxViT's window / grid partitions: the channels move to the last dim and back
+            return moved
         flattens = isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) == (1, -1)
         if flattens and len(args) == 1:
             return self.flattened(args[0], name)
@@ -527,7 +531,7 @@ class _LeafTracer(fx.Tracer):
     would show permutes around an ``F.layer_norm``."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (isinstance(m, (ResidualBias, *ATTENTIONS, nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
+        return (isinstance(m, (ResidualBias, *ATTENTIONS, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, *_PARTITIONS))
                 or super().is_leaf_module(m, module_qualified_name))
 
 
@@ -552,6 +556,25 @@ def _flattens_channels(node: fx.Node) -> bool:
 
 
 _PERMUTED = {(SPATIAL, (0, 2, 3, 1)): LAST, (LAST, (0, 3, 1, 2)): SPATIAL, (SEQ, (0, 2, 1)): LAST}
+
+
+_PARTITIONS = (WindowPartition, WindowDepartition, SwapAxes)
+
+
+def _moved(module: nn.Module, args: list[_Value]) -> _Value | None:
+    """A MaxViT partition op on one plain value: ``[B, C, H, W]`` -> ``[B, G, P, C]`` windows, back, or a swap
+    of two dims that are not the channels'; None for anything else."""
+    if len(args) != 1 or args[0].parts:
+        return None
+    x = args[0]
+    if isinstance(module, WindowPartition) and x.layout == SPATIAL:
+        return replace(x, layout=LAST, ndim=4)
+    if isinstance(module, WindowDepartition) and x.layout == LAST and x.ndim == 4:
+        return replace(x, layout=SPATIAL, ndim=None)
+    if isinstance(module, SwapAxes) and x.layout == LAST and x.ndim and -1 not in (
+            module.a % x.ndim - x.ndim, module.b % x.ndim - x.ndim):
+        return x
+    return None
 
 
 def _indexed_ndim(index: object, ndim: int) -> int | None:
@@ -588,8 +611,8 @@ def _spatial_mean(node: fx.Node) -> bool | None:
 def _norm_fits(module: nn.Module, layout: str) -> bool:
     """A per-channel module (BatchNorm, a removed block's shift, a LayerNorm over the channels) on a layout it
     indexes by channel."""
-    if is_layer_norm(module):
-        return layout == (SPATIAL if channels_first(module) else LAST)
+    if is_layer_norm(module):  # channels last: a token tensor, or a [N, C] vector (a flattened 1x1 map: the width
+        return layout == SPATIAL if channels_first(module) else layout in (LAST, VECTOR, FLAT)  # check tells)
     return (isinstance(module, (nn.BatchNorm2d, ResidualBias)) and layout == SPATIAL) or (
         isinstance(module, nn.BatchNorm1d) and layout == VECTOR
     )
