@@ -14,21 +14,24 @@ product of two tensors merges their spaces, which couples ResNet's residual stre
 squeeze-and-excitation block's scale with the channels it scales (the SE's hidden units are a group
 of their own). A concatenation along channels (DenseNet, GoogLeNet, Inception, SqueezeNet) keeps each
 input's space as one *part* at its channel offset: a layer or BatchNorm reading the concatenation
-reads every part's channels as a window of its own inputs, so each part stays a group of its own. A grouped conv (``groups = g``) is a producer and a consumer too, but its channel
-groups must stay equal: both its spaces get ``fold = g`` (the lcm over such convs), and a channel
-goes only together with the channels at the same position in every one of the g blocks (torchvision's
-ResNeXt and RegNet). Every Conv2d/Linear that reads a space is a consumer of its channels, in blocks of
+reads every part's channels as a window of its own inputs, so each part stays a group of its own (a part
+the concatenation repeats, as Swin's patch merging does, is read through one window per repeat). Token tensors
+(``last`` after ViT's patches are flattened and transposed, or MaxViT's partitions) keep their channels through
+indexing and concatenation along the tokens; a class token concatenated there is a member. A grouped conv
+(``groups = g``) is a producer and a consumer too, but its channel groups must stay equal: both its spaces
+get ``fold = g`` (the lcm over such convs), and a channel goes only together with the channels at the same
+position in every one of the g blocks (torchvision's ResNeXt and RegNet). Every Conv2d/Linear that reads a space is a consumer of its channels, in blocks of
 consecutive columns of ``W_h = weight.view(d_out, -1)``: ``kh*kw`` for a conv, ``H*W`` for a Linear
 after a flatten of ``C x H x W`` features, 1 for a Linear reading its last dim (an MLP's hidden units:
 ViT, Swin, ConvNeXt).
 
 Spaces touched by anything else are frozen: never pruned. The network input and the logits are
-frozen by nature. Self-attention (:class:`~napkit.structured.attention.HeadAttention`, what napkit runs
-for ``nn.MultiheadAttention``, and :class:`~napkit.structured.attention.WindowHeadAttention` for Swin's)
-makes its heads a group: producer rows per head, the output projection reading ``head_dim`` columns per
-head. The rest (an attention's input projection, channel shuffle, other attention,
-shared layers, layers the user ignores) are reported by :func:`trace_groups` and
-named in one warning by :func:`warn_unpruned`, while every other group of the model stays prunable.
+frozen by nature. Self-attention (:mod:`~napkit.structured.attention`: what napkit runs for
+``nn.MultiheadAttention`` and torchvision's Swin and MaxViT attention) makes its heads a group: producer rows per
+head, the output projection reading ``head_dim`` columns per head; its input projection is a consumer of the
+tokens it reads. The rest (channel shuffle, other attention, shared layers, layers the user ignores) are
+reported by :func:`trace_groups` and named in one warning by :func:`warn_unpruned`, while every other group
+of the model stays prunable.
 """
 
 from __future__ import annotations
@@ -393,7 +396,8 @@ class _Tracer:
             if layout is not None and args[0].ndim == 3 and all(isinstance(d, int) for d in dims) and len(dims) == 2 \
                     and {d % 3 for d in dims} == {1, 2}:
                 return replace(args[0], layout=layout)
-        if method and target in ("reshape", "view", "flatten") and len(args) == 1 and args[0].layout == SPATIAL:
+        if method and target in ("reshape", "view", "flatten") and len(args) == 1 and args[0].layout == SPATIAL \
+                and not args[0].parts:
             if self.sequence(node, args[0]):
                 return replace(args[0], layout=SEQ, ndim=3)
         if method and target == "expand" and len(args) == 1 and args[0].layout == PARAM and node.args[-1] == -1:
@@ -611,8 +615,8 @@ def _spatial_mean(node: fx.Node) -> bool | None:
 def _norm_fits(module: nn.Module, layout: str) -> bool:
     """A per-channel module (BatchNorm, a removed block's shift, a LayerNorm over the channels) on a layout it
     indexes by channel."""
-    if is_layer_norm(module):  # channels last: a token tensor, or a [N, C] vector (a flattened 1x1 map: the width
-        return layout == SPATIAL if channels_first(module) else layout in (LAST, VECTOR, FLAT)  # check tells)
+    if is_layer_norm(module):  # channels last: tokens, a [N, C] vector, or a flattened 1x1 map (the width check)
+        return layout == SPATIAL if channels_first(module) else layout in (LAST, VECTOR, FLAT)
     return (isinstance(module, (nn.BatchNorm2d, ResidualBias)) and layout == SPATIAL) or (
         isinstance(module, nn.BatchNorm1d) and layout == VECTOR
     )
