@@ -123,7 +123,7 @@ def test_heads_are_groups_read_by_out_proj_in_head_dim_blocks() -> None:
 
 
 class _OneToken(nn.Module):
-    """Tokens -> self-attention -> classifier: with one token the K-FAC of ``out_proj`` is its exact Fisher."""
+    """Tokens -> self-attention -> classifier: with one token the K-FAC of each projection is its exact Fisher."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -135,13 +135,14 @@ class _OneToken(nn.Module):
         return self.head(out.mean(1))
 
 
-def test_out_proj_factors_are_the_exact_fisher_for_one_example_and_token() -> None:
+@pytest.mark.parametrize("layer", ["attention.in_proj", "attention.out_proj"])
+def test_projection_factors_are_the_exact_fisher_for_one_example_and_token(layer: str) -> None:
     torch.manual_seed(0)
     model = _OneToken().double()
     x, y = torch.randn(1, 1, 3, dtype=torch.float64), torch.tensor([2])
     f = estimate_kfac(model, [(x, y)], num_samples=1, fisher="empirical", dtype=torch.float64,
-                      progress=False)["attention.out_proj"]
-    v = exact_weight_grads(model, "attention.out_proj", x, y)[0]
+                      progress=False)[layer]
+    v = exact_weight_grads(model, layer, x, y)[0]
     torch.testing.assert_close(f.kron_dense(), torch.outer(v, v), rtol=1e-10, atol=1e-12)
 
 
