@@ -846,6 +846,49 @@ def test_sigterm_ends_the_run_killed_keeps_the_checkpoint_and_a_second_run_is_lo
     unchanged("checkpoints/pretrain.pt")
 
 
+def test_a_signal_during_a_store_write_waits_for_the_write(artifacts, capsys, monkeypatch) -> None:
+    """SIGTERM arriving inside an MLflow write (a CI run once caught one mid SQLite transaction: the store stayed
+    locked and ending the run failed with a traceback): the write completes, then the stage stops as usual."""
+    from mlflow.tracking import MlflowClient
+
+    real = MlflowClient.log_batch
+    written: list[str] = []
+
+    def log_batch_interrupted(self, run_id, metrics=(), **kwargs):
+        if metrics and not written:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered now, in the middle of the call
+            written.extend(m.key for m in metrics)
+        return real(self, run_id, metrics=metrics, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch_interrupted)
+    db = artifacts.parent / "sigterm_write.db"
+    cfg = _compose(artifacts, "train.epochs=3", "tracking=local", f"tracking.uri=sqlite:///{db}")
+    code, lines = _run_stage("pretrain", cfg, capsys)
+    assert code == 143 and not [x for x in lines if "Traceback" in x], lines
+    assert _run_status(db) == ["KILLED"]
+    client = MlflowClient(f"sqlite:///{db}")
+    run = client.search_runs([client.get_experiment_by_name("napkit").experiment_id])[0]
+    assert written and set(written) <= set(run.data.metrics)  # the interrupted write landed whole
+
+
+def test_held_signals_raise_after_the_block_and_a_second_one_at_once() -> None:
+    from napkit.errors import Interrupted
+    from napkit.guard import signals_held, signals_raise
+
+    done = []
+    with signals_raise(), pytest.raises(Interrupted, match="SIGTERM"):
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("the write")  # still runs: the signal waits
+    assert done == ["the write"]
+    with signals_raise(), pytest.raises(Interrupted, match="SIGINT"):
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)  # a second signal: a hung store can still be stopped
+            done.append("never")
+    assert done == ["the write"]
+
+
 def test_sigint_in_process_exits_130_and_marks_the_run_killed(artifacts, unchanged, capsys,
                                                               monkeypatch) -> None:
     """Ctrl-C during training (here: right after the first epoch's checkpoint is written)."""

@@ -6,7 +6,8 @@
 * ``stage_lock``: one run per stage output at a time (an advisory ``flock``, released by the kernel
   when the holder dies, so a killed run never leaves a stale lock).
 * ``signals_raise``: SIGTERM / SIGINT raise :class:`~napkit.errors.Interrupted`, so the stage unwinds
-  (MLflow run ended as KILLED, the last checkpoint kept) and the entrypoint exits 128 + signal.
+  (MLflow run ended as KILLED, the last checkpoint kept) and the entrypoint exits 128 + signal; inside
+  ``signals_held`` (every MLflow store call) the signal waits for the call to finish.
 """
 
 from __future__ import annotations
@@ -122,12 +123,39 @@ def stage_lock(cfg: DictConfig, stage: str) -> Iterator[Path]:
         os.close(fd)  # releases the lock
 
 
+class _Held:
+    """Signals that arrived inside :func:`signals_held` blocks (depth > 0), to raise when the outermost ends."""
+
+    depth = 0
+    pending: int | None = None
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Within the block, a signal :func:`signals_raise` turns into ``Interrupted`` waits for the block's end, so a
+    store write (an SQLite transaction of the MLflow run) is never cut in half and left holding its lock. A second
+    signal while one waits raises at once (a hung store can still be stopped)."""
+    _Held.depth += 1
+    try:
+        yield
+    finally:
+        _Held.depth -= 1
+        if not _Held.depth and _Held.pending is not None:
+            signum, _Held.pending = _Held.pending, None
+            raise Interrupted(signum)
+
+
 @contextmanager
 def signals_raise() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGINT raise ``Interrupted(signum)`` (main thread only)."""
+    """Within the block, SIGTERM and SIGINT raise ``Interrupted(signum)`` (main thread only), after any
+    :func:`signals_held` block they arrive in."""
     sigs = (signal.SIGTERM, signal.SIGINT)
 
     def handler(signum: int, frame: object) -> None:
+        if _Held.depth and _Held.pending is None:
+            _Held.pending = signum
+            return
+        _Held.pending = None
         raise Interrupted(signum)
 
     try:

@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from napkit.distributed import world
+from napkit.guard import signals_held
 from napkit.hashing import fingerprint
 from napkit.io import read_json, write_json
 from napkit.provenance import code_version, git_commit, repo_root
@@ -99,7 +100,8 @@ class StageTracker:
                 self.missed.append(record)
             return
         try:
-            fn(*args, **kwargs)
+            with signals_held():  # a signal waits for the write: an interrupted SQLite write keeps the store locked
+                fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any store error must not stop the stage
             self.fail(exc)
             if record is not None:
@@ -241,13 +243,14 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageTracker]:
     tracker = StageTracker(None, None, stage)
     run_tags: dict[str, str] | None = None
     try:
-        client = MlflowClient(uri)
-        run_id, created = _resolve_run(client, cfg, stage)
-        tracker = StageTracker(client, run_id, stage)
-        if created:
-            tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-        client.update_run(run_id, status="RUNNING")
-        run_tags = dict(client.get_run(run_id).data.tags)
+        with signals_held():
+            client = MlflowClient(uri)
+            run_id, created = _resolve_run(client, cfg, stage)
+            tracker = StageTracker(client, run_id, stage)
+            if created:
+                tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+            client.update_run(run_id, status="RUNNING")
+            run_tags = dict(client.get_run(run_id).data.tags)
     except Exception as exc:  # noqa: BLE001 - the store is down: run untracked, say so
         tracker.fail(exc)
     tracker.set_tags(provenance_tags(run_tags or {}))
