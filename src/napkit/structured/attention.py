@@ -39,13 +39,69 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedW
 from napkit.errors import NapkitError
 
 
-class HeadAttention(nn.Module):
+class _Heads(nn.Module):
+    """What the tracer, the cost model and the surgery ask of a prunable attention: its heads are the rows of a
+    fused query/key/value projection (the layer ``input``, which reads the tokens), read back in ``head_dim``
+    column blocks by the layer ``output``."""
+
+    input: str
+    output: str
+    constant: tuple[str, ...] = ()  # layers inside whose FLOPs do not depend on the heads
+    num_heads: int
+
+    @property
+    def weight(self) -> Tensor:
+        """The producer rows, one per head: its query, key and value rows side by side."""
+        return _per_head(self.get_submodule(self.input).weight, self.num_heads)
+
+    @property
+    def bias(self) -> Tensor | None:
+        """Per head, every parameter besides its weight rows: its query, key and value biases, then what
+        :meth:`_head_parameters` adds."""
+        qkv, own = self.get_submodule(self.input).bias, self._head_parameters()
+        parts = ([] if qkv is None else [_per_head(qkv, self.num_heads)]) + ([] if own is None else [own])
+        return torch.cat(parts, 1) if parts else None
+
+    def _head_parameters(self) -> Tensor | None:
+        """Parameters a head owns outside the projections (``[heads, k]``), e.g. its relative position bias."""
+        return None
+
+    def keep_heads(self, keep: Tensor) -> None:
+        """Keep heads ``keep`` (sorted indices): their projection rows and own parameters; ``output``'s columns are
+        its consumer's."""
+        projection = self.get_submodule(self.input)
+        projection.weight = _head_rows(projection.weight, self.num_heads, keep)
+        if projection.bias is not None:
+            projection.bias = _head_rows(projection.bias, self.num_heads, keep)
+        projection.out_features = projection.weight.shape[0]
+        self._keep_head_parameters(keep)
+        self.num_heads = len(keep)
+
+    def _keep_head_parameters(self, keep: Tensor) -> None:
+        """Keep the own parameters (:meth:`_head_parameters`) of heads ``keep``."""
+
+
+class _Swapped(_Heads):
+    """A torchvision attention class (``source``) run as its prunable stand-in: same module, same state."""
+
+    source: type[nn.Module]
+
+    @classmethod
+    def from_torchvision(cls, module: nn.Module) -> _Swapped:
+        """The same attention, sharing ``module``'s parameters and buffers (the old object is not to be used)."""
+        if type(module) is not cls.source:
+            raise NapkitError(f"{cls.__name__} holds {cls.source.__name__}, not {type(module).__name__}")
+        new = cls.__new__(cls)
+        new.__dict__.update(module.__dict__)
+        return new
+
+
+class HeadAttention(_Heads):
     """Multi-head self-attention with ``num_heads`` heads of ``head_dim`` (sequence first unless
     ``batch_first``, as ``nn.MultiheadAttention``)."""
 
     output = "out_proj"  # the layer that reads the heads
     input = "in_proj"  # the layer that reads the tokens
-    constant: tuple[str, ...] = ()  # layers inside whose FLOPs do not depend on the heads
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, *, bias: bool = True, dropout: float = 0.0,
                  batch_first: bool = False) -> None:
@@ -87,24 +143,6 @@ class HeadAttention(nn.Module):
         """Whether heads were removed (torch's own attention can no longer run these weights)."""
         return self.num_heads * self.head_dim != self.embed_dim
 
-    @property
-    def weight(self) -> Tensor:
-        """The producer rows, one per head: its query, key and value rows side by side (``[heads, 3 * head_dim * embed_dim]``)."""
-        return _per_head(self.in_proj_weight, self.num_heads)
-
-    @property
-    def bias(self) -> Tensor | None:
-        """The input projection's biases, one row per head (``[heads, 3 * head_dim]``)."""
-        return None if self.in_proj_bias is None else _per_head(self.in_proj_bias, self.num_heads)
-
-    def keep_heads(self, keep: Tensor) -> None:
-        """Keep heads ``keep`` (sorted indices) of the input projection; ``out_proj``'s columns are its consumer's."""
-        self.in_proj.weight = _head_rows(self.in_proj.weight, self.num_heads, keep)
-        if self.in_proj.bias is not None:
-            self.in_proj.bias = _head_rows(self.in_proj.bias, self.num_heads, keep)
-        self.in_proj.out_features = self.in_proj.weight.shape[0]
-        self.num_heads = len(keep)
-
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -140,48 +178,30 @@ class HeadAttention(nn.Module):
         return (out.transpose(0, 1) if self.batch_first else out), weights
 
 
-class WindowHeadAttention(ShiftedWindowAttention):
+class _TableHeads(_Swapped):
+    """A head also owns its column of the relative position bias table (Swin V1, MaxViT)."""
+
+    def _head_parameters(self) -> Tensor:
+        return self.relative_position_bias_table.t()
+
+    def _keep_head_parameters(self, keep: Tensor) -> None:
+        self.relative_position_bias_table = _kept(self.relative_position_bias_table, keep, 1)
+
+
+class WindowHeadAttention(_TableHeads, ShiftedWindowAttention):
     """torchvision's ``ShiftedWindowAttention`` (Swin V1) with prunable heads of ``head_dim`` (module docstring)."""
 
     output = "proj"
     input = "qkv"  # a Linear called as a module: a consumer of the tokens' channels
-    constant: tuple[str, ...] = ()  # layers inside whose FLOPs do not depend on the heads
-    source: type[ShiftedWindowAttention] = ShiftedWindowAttention
+    source = ShiftedWindowAttention
     head_dim: int
 
     @classmethod
-    def from_torchvision(cls, module: ShiftedWindowAttention) -> WindowHeadAttention:
-        """The same attention, sharing ``module``'s parameters and buffers (the old object is not to be used)."""
-        if type(module) is not cls.source:
-            raise NapkitError(f"{cls.__name__} holds {cls.source.__name__}, not {type(module).__name__}")
-        new = cls.__new__(cls)
-        new.__dict__.update(module.__dict__)
+    def from_torchvision(cls, module: nn.Module) -> WindowHeadAttention:
+        """The same attention with a fixed ``head_dim`` (torchvision's takes it from the input width)."""
+        new = super().from_torchvision(module)
         new.head_dim = module.proj.in_features // module.num_heads
-        return new
-
-    @property
-    def weight(self) -> Tensor:
-        """The producer rows, one per head: its query, key and value rows of ``qkv`` side by side."""
-        return _per_head(self.qkv.weight, self.num_heads)
-
-    @property
-    def bias(self) -> Tensor | None:
-        """Per head, every parameter besides its ``qkv`` weight rows: its ``qkv`` biases and its column of the
-        relative position bias table (``[heads, 3 * head_dim + positions]``)."""
-        table = self.relative_position_bias_table.t()
-        return table if self.qkv.bias is None else torch.cat([_per_head(self.qkv.bias, self.num_heads), table], 1)
-
-    def keep_heads(self, keep: Tensor) -> None:
-        """Keep heads ``keep``: their ``qkv`` rows and bias-table columns (``proj``'s columns are its consumer's)."""
-        self._keep_qkv(keep)
-        self.relative_position_bias_table = _kept(self.relative_position_bias_table, keep, 1)
-        self.num_heads = len(keep)
-
-    def _keep_qkv(self, keep: Tensor) -> None:
-        self.qkv.weight = _head_rows(self.qkv.weight, self.num_heads, keep)
-        if self.qkv.bias is not None:
-            self.qkv.bias = _head_rows(self.qkv.bias, self.num_heads, keep)
-        self.qkv.out_features = self.qkv.weight.shape[0]
+        return new  # type: ignore[return-value]
 
     def _scores(self, q: Tensor, k: Tensor) -> Tensor:
         """Attention logits of every head: scaled dot products plus the relative position bias."""
@@ -224,21 +244,15 @@ class WindowHeadAttentionV2(WindowHeadAttention, ShiftedWindowAttentionV2):
     constant = ("cpb_mlp.0",)
     source = ShiftedWindowAttentionV2
 
-    @property
-    def bias(self) -> Tensor | None:
-        """Per head, every parameter besides its ``qkv`` weight rows: its ``qkv`` biases, its logit scale and its
-        row of the bias MLP's last layer."""
-        own = torch.cat([self.logit_scale.view(self.num_heads, 1), self.cpb_mlp[2].weight], 1)
-        return own if self.qkv.bias is None else torch.cat([_per_head(self.qkv.bias, self.num_heads), own], 1)
+    def _head_parameters(self) -> Tensor:
+        """Its logit scale and its row of the bias MLP's last layer."""
+        return torch.cat([self.logit_scale.view(self.num_heads, 1), self.cpb_mlp[2].weight], 1)
 
-    def keep_heads(self, keep: Tensor) -> None:
-        """Keep heads ``keep``: their ``qkv`` rows, logit scales and bias-MLP rows."""
-        self._keep_qkv(keep)
+    def _keep_head_parameters(self, keep: Tensor) -> None:
         self.logit_scale = _kept(self.logit_scale, keep, 0)
         last = self.cpb_mlp[2]
         last.weight = _kept(last.weight, keep, 0)
         last.out_features = len(keep)
-        self.num_heads = len(keep)
 
     def _scores(self, q: Tensor, k: Tensor) -> Tensor:
         """Cosine similarities times each head's (clamped) logit scale, plus the relative position bias."""
@@ -256,47 +270,23 @@ class WindowHeadAttentionV2(WindowHeadAttention, ShiftedWindowAttentionV2):
         return out - keys.view(-1)
 
 
-class GridHeadAttention(RelativePositionalMultiHeadAttention):
+class GridHeadAttention(_TableHeads, RelativePositionalMultiHeadAttention):
     """torchvision's MaxViT attention (``RelativePositionalMultiHeadAttention``, over ``[B, G, P, D]`` windows or
     grids) with prunable heads: ``to_qkv`` and ``merge`` are its projections, a head also owns its column of the
     relative position bias table. Its logit scale stays ``feat_dim ** -0.5`` of the dense width, as built."""
 
     output = "merge"
     input = "to_qkv"
-    constant: tuple[str, ...] = ()
+    source = RelativePositionalMultiHeadAttention
 
-    @classmethod
-    def from_torchvision(cls, module: RelativePositionalMultiHeadAttention) -> GridHeadAttention:
-        """The same attention, sharing ``module``'s parameters and buffers (the old object is not to be used)."""
-        if type(module) is not RelativePositionalMultiHeadAttention:
-            raise NapkitError(f"GridHeadAttention holds RelativePositionalMultiHeadAttention, not {type(module).__name__}")
-        new = cls.__new__(cls)
-        new.__dict__.update(module.__dict__)
-        return new
-
-    @property
+    @property  # type: ignore[override]
     def num_heads(self) -> int:
+        """torchvision's ``n_heads``, under the name the other attentions use."""
         return self.n_heads
 
-    @property
-    def weight(self) -> Tensor:
-        """The producer rows, one per head: its query, key and value rows of ``to_qkv`` side by side."""
-        return _per_head(self.to_qkv.weight, self.n_heads)
-
-    @property
-    def bias(self) -> Tensor | None:
-        """Per head: its ``to_qkv`` biases and its column of the relative position bias table."""
-        table = self.relative_position_bias_table.t()
-        return table if self.to_qkv.bias is None else torch.cat([_per_head(self.to_qkv.bias, self.n_heads), table], 1)
-
-    def keep_heads(self, keep: Tensor) -> None:
-        """Keep heads ``keep``: their ``to_qkv`` rows and bias-table columns (``merge``'s columns are its consumer's)."""
-        self.to_qkv.weight = _head_rows(self.to_qkv.weight, self.n_heads, keep)
-        if self.to_qkv.bias is not None:
-            self.to_qkv.bias = _head_rows(self.to_qkv.bias, self.n_heads, keep)
-        self.to_qkv.out_features = self.to_qkv.weight.shape[0]
-        self.relative_position_bias_table = _kept(self.relative_position_bias_table, keep, 1)
-        self.n_heads = len(keep)
+    @num_heads.setter
+    def num_heads(self, heads: int) -> None:
+        self.n_heads = heads
 
     def forward(self, x: Tensor) -> Tensor:
         """As torchvision's, with the heads' width (not the input's) between the projections."""
@@ -361,10 +351,9 @@ def _shift_mask(ph: int, pw: int, wh: int, ww: int, shift: list[int], like: Tens
     return mask[None, :, None]
 
 
-ATTENTIONS = (HeadAttention, WindowHeadAttention, GridHeadAttention)  # heads as channels: ``weight`` rows, ``keep_heads``, ``output``
+ATTENTIONS = (_Heads,)  # heads as channels: ``weight`` rows, ``keep_heads``, ``input``, ``output``
 _TORCH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-_WINDOWED = {ShiftedWindowAttention: WindowHeadAttention, ShiftedWindowAttentionV2: WindowHeadAttentionV2,
-             RelativePositionalMultiHeadAttention: GridHeadAttention}
+_SWAPPED = {cls.source: cls for cls in (WindowHeadAttention, WindowHeadAttentionV2, GridHeadAttention)}
 
 
 def prunable_attention(model: nn.Module) -> nn.Module:
@@ -375,12 +364,12 @@ def prunable_attention(model: nn.Module) -> nn.Module:
     not carried over."""
     for name, module in list(model.named_modules()):
         torch_mha = isinstance(module, nn.MultiheadAttention) and _plain(module)
-        if not torch_mha and type(module) not in _WINDOWED:
+        if not torch_mha and type(module) not in _SWAPPED:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if not torch_mha:
-            setattr(parent, child, _WINDOWED[type(module)].from_torchvision(module))
+            setattr(parent, child, _SWAPPED[type(module)].from_torchvision(module))
         elif not isinstance(parent, _TORCH_LAYERS):
             setattr(parent, child, HeadAttention.from_torch(module))
     return model
