@@ -13,11 +13,12 @@ from torchvision.models.convnext import LayerNorm2d
 
 from napkit.structured import apply, channel_counts, slim_to
 from napkit.structured.groups import trace_groups
-from napkit.structured.norms import KeptLayerNorm, KeptLayerNorm2d, cut_layer_norm
+from napkit.structured.norms import KeptLayerNorm, KeptLayerNorm2d
+from napkit.structured.surgery import slice_norm
 
 
 @pytest.mark.parametrize("first", [True, False])
-def test_cut_layer_norm_equals_the_norm_over_zeroed_channels(first: bool) -> None:
+def test_a_cut_layer_norm_equals_the_norm_over_zeroed_channels(first: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     norm = (LayerNorm2d(7) if first else nn.LayerNorm(7)).double()
     norm.weight.data, norm.bias.data = (torch.randn(7, generator=gen, dtype=torch.float64) for _ in range(2))
@@ -26,7 +27,7 @@ def test_cut_layer_norm_equals_the_norm_over_zeroed_channels(first: bool) -> Non
     x, dim = (x, 1) if first else (x.permute(0, 2, 3, 1), -1)
     # two cuts: channels 1 and 4, then (of the 5 left) positions 1 and 3; the divisor stays 7
     for keep, kept in ((torch.tensor([0, 2, 3, 5, 6]), [0, 2, 3, 5, 6]), (torch.tensor([0, 2, 4]), [0, 3, 6])):
-        cut_layer_norm(norm, keep)
+        slice_norm(norm, keep)
         assert isinstance(norm, KeptLayerNorm2d if first else KeptLayerNorm) and norm.full == 7
         index = torch.tensor(kept)
         zeroed = torch.zeros_like(x).index_copy(dim, index, x.index_select(dim, index))

@@ -72,12 +72,14 @@ class KeptLayerNorm2d(KeptLayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-def cut_layer_norm(norm: nn.LayerNorm, keep: Tensor) -> None:
-    """Keep channels ``keep`` of a LayerNorm (in place): its affine entries, and its first width as the divisor."""
-    if not isinstance(norm, KeptLayerNorm):
-        full = norm.normalized_shape[0]
-        norm.__class__ = KeptLayerNorm2d if channels_first(norm) else KeptLayerNorm
-        norm.full = full
-    for name, p in list(norm.named_parameters(recurse=False)):
-        setattr(norm, name, nn.Parameter(p.detach().index_select(0, keep.to(p.device)), requires_grad=p.requires_grad))
-    norm.normalized_shape = (len(keep),)
+def set_norm_width(module: nn.Module, width: int) -> None:
+    """Record a per-channel norm's new width after its entries were cut; a LayerNorm first becomes a
+    :class:`KeptLayerNorm` that keeps dividing by the width it had before its first cut."""
+    if not isinstance(module, nn.LayerNorm):
+        module.num_features = width
+        return
+    if not isinstance(module, KeptLayerNorm):
+        full = module.normalized_shape[0]
+        module.__class__ = KeptLayerNorm2d if channels_first(module) else KeptLayerNorm
+        module.full = full
+    module.normalized_shape = (width,)

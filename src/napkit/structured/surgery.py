@@ -19,7 +19,7 @@ from napkit.layers import modes_kept
 from napkit.structured.attention import ATTENTIONS
 from napkit.structured.blocks import INNER, block_of, bottlenecks, skip_block, skipped_blocks
 from napkit.structured.groups import ChannelGroup, channel_groups, find_group, removed_inputs, rows
-from napkit.structured.norms import cut_layer_norm, norm_width
+from napkit.structured.norms import norm_width, set_norm_width
 
 Plan = Mapping[str, Tensor | Sequence[int]]
 
@@ -54,19 +54,16 @@ def _slice_depthwise(conv: nn.Conv2d, keep: Tensor) -> None:
     conv.in_channels = conv.groups = len(keep)
 
 
-def _slice_norm(norm: nn.Module, keep: Tensor) -> None:
+def slice_norm(norm: nn.Module, keep: Tensor) -> None:
     """Keep entries ``keep`` of a per-channel module (BatchNorm, a skipped block's shift): every
     parameter and every per-channel buffer (running statistics); a LayerNorm keeps normalising by its
     first width (:mod:`~napkit.structured.norms`)."""
-    if isinstance(norm, nn.LayerNorm):
-        cut_layer_norm(norm, keep)
-        return
     for name, p in list(norm.named_parameters(recurse=False)):
         _set_param(norm, name, _take(p, keep))
     for name, b in list(norm.named_buffers(recurse=False)):
         if b.dim() > 0:
             setattr(norm, name, _take(b, keep))
-    norm.num_features = len(keep)
+    set_norm_width(norm, len(keep))
 
 
 def _slice_columns(layer: nn.Module, keep: Tensor, block: int) -> None:
@@ -148,7 +145,7 @@ def _cut(model: nn.Module, chosen: Sequence[tuple[ChannelGroup, Tensor]]) -> Non
         if name in blocks:
             _slice_columns(module, keep, blocks[name])
         else:
-            _slice_norm(module, keep)
+            slice_norm(module, keep)
     for module in model.modules():  # widths a model reads from its attributes at run time
         if isinstance(module, VisionTransformer):  # it reshapes its patches to hidden_dim channels
             module.hidden_dim = module.conv_proj.out_channels
