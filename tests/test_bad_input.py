@@ -871,6 +871,29 @@ def test_a_signal_during_a_store_write_waits_for_the_write(artifacts, capsys, mo
     assert written and set(written) <= set(run.data.metrics)  # the interrupted write landed whole
 
 
+def test_the_signal_line_is_a_line_of_its_own_after_a_progress_bar(artifacts, capsys) -> None:
+    """SIGTERM in the middle of a progress bar drawn below another (a CI run once printed the stop line after a
+    bar's text): the bars are cleared and the line is a line of its own."""
+    from tqdm import tqdm
+
+    def runner(cfg: DictConfig) -> dict[str, float]:
+        outer = tqdm(total=1, desc="pretrain", leave=False, file=sys.stderr, mininterval=0)  # still open
+        for i in tqdm(range(5), desc="pretrain 1/3", leave=False, file=sys.stderr, mininterval=0):  # drawn below
+            if i == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        outer.close()
+        return {}
+
+    cfg = _compose(artifacts, "tracking=disabled")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run_stage("pretrain", cfg, runner=runner)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 143 and "pretrain 1/3" in err  # the bar was drawn
+    assert "napkit pretrain: stopped by SIGTERM; the last checkpoint is kept: rerun the same command to resume" \
+        in err.splitlines()
+
+
 def test_held_signals_raise_after_the_block_and_a_second_one_at_once() -> None:
     from napkit.errors import Interrupted
     from napkit.guard import signals_held, signals_raise

@@ -57,6 +57,19 @@ def check_command_line(stage: str, script: str, argv: Sequence[str] | None = Non
         sys.exit(2)
 
 
+def _report(line: str) -> None:
+    """The stage's one-line ending on stderr, on a line of its own. Where progress bars ran, a bar the error cut
+    short is cleared first, and the line starts with a carriage return: a bar drawn below another one clears
+    itself by moving the cursor back up, mid-line, and the message would otherwise follow on that line (a CI run
+    caught it)."""
+    progress = sys.modules.get("tqdm")  # no tqdm imported: no bar ran
+    if progress is not None:
+        for bar in list(getattr(progress.tqdm, "_instances", ())):
+            bar.close()
+        line = "\r" + line
+    print(line, file=sys.stderr)
+
+
 def run_stage(stage: str, cfg: DictConfig,
               runner: Callable[[DictConfig], dict[str, float]] | None = None) -> dict[str, float]:
     """Run ``runner(cfg)`` (default ``napkit.stages.<stage>.run``) under torchrun's process group if any.
@@ -81,11 +94,10 @@ def run_stage(stage: str, cfg: DictConfig,
                                       Path(cfg.paths.get("cache", ".cache/napkit")))
                     metrics = runner(cfg)
     except NapkitError as exc:
-        print(f"napkit {stage}: error: {exc}", file=sys.stderr)
+        _report(f"napkit {stage}: error: {exc}")
         sys.exit(2)
     except Interrupted as exc:
-        print(f"napkit {stage}: {exc}; the last checkpoint is kept: rerun the same command to resume",
-              file=sys.stderr)
+        _report(f"napkit {stage}: {exc}; the last checkpoint is kept: rerun the same command to resume")
         sys.exit(128 + exc.signum)
     finally:
         shutdown()
